@@ -1,0 +1,1 @@
+"""Experiments: one module per experiment, each deriving from base.get_config()."""

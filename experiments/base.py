@@ -1,0 +1,103 @@
+"""The baseline experiment: declares every key an experiment may set.
+
+Experiments import `get_config` from here and change a few fields; the config
+is locked when loaded, so a misspelt key fails with the list of valid keys.
+`None` (placeholder) model fields mean "keep the variant's value".
+
+Run: herd train --config=experiments/base.py:smoke --workdir=/tmp/base
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# ModelConfig fields that an experiment may override, with their types.
+MODEL_OVERRIDES = {
+    "vocab_size": int,
+    "d_model": int,
+    "n_layers": int,
+    "n_heads": int,
+    "n_kv_heads": int,
+    "d_ff": int,
+    "head_dim": int,
+    "max_seq_len": int,
+    "rope_theta": float,
+    "norm_eps": float,
+    "tie_embeddings": bool,
+    "init_std": float,
+    "scan_layers": bool,
+    "remat_policy": str,
+    "param_dtype": str,
+    "dtype": str,
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "tiny"
+    for name, typ in MODEL_OVERRIDES.items():
+        c.model[name] = config_dict.placeholder(typ)
+
+    # Mesh axis sizes; one of them may be -1 (fill with the remaining devices).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp"))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic_pattern"  # a registered data source, see train/data
+    c.data.seq_len = 128
+    c.data.eval_split = "validation"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 16  # global batch, in sequences
+    c.train.microbatches = 1  # gradient accumulation: batch_size / microbatches per pass
+    c.train.z_loss = 0.0  # weight of log(Z)^2 (arXiv:2204.02311 §5)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 3e-4
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95  # Llama 2 (arXiv:2307.09288 §2.2)
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.decay_embeddings = False
+    c.optimizer.decay_norms = False
+    c.optimizer.grad_clip = 1.0  # global norm; 0 disables
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"  # cosine | wsd | constant | inverse_sqrt
+    c.schedule.warmup_steps = 100
+    c.schedule.final_lr_fraction = 0.1  # cosine / wsd floor, as a fraction of lr
+    c.schedule.decay_fraction = 0.2  # wsd: share of steps spent decaying
+
+    c.eval = ml_collections.ConfigDict(dict(every=200, batches=8))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 1  # steps between metric rows
+    c.log.progress = True  # live progress bar on the terminal
+    c.log.peak_flops = config_dict.placeholder(float)  # per device; None = known table or measured matmul peak
+
+    if arg == "smoke":
+        apply_smoke(c)
+    elif arg:
+        raise ValueError(f"unknown argument {arg!r} for experiments/base.py; valid: smoke")
+    return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any experiment to a few CPU seconds."""
+    c.model.variant = "tiny"
+    c.data.seq_len = 32
+    c.train.steps = 6
+    c.train.batch_size = 4
+    c.schedule.warmup_steps = 2
+    c.eval.every = 3
+    c.eval.batches = 2
+    c.checkpoint.every = 3
+    c.log.progress = False
+    return c

@@ -1,0 +1,148 @@
+"""ModelConfig, the single description of a decoder, and the published variants."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Names only; model/llama.py maps each to a jax.checkpoint policy.
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 rotary frequency scaling (arXiv:2407.21783, released code).
+
+    Wavelengths longer than `original_max_seq_len / low_freq_factor` are
+    stretched by `factor`, those shorter than `original_max_seq_len /
+    high_freq_factor` are kept, and the band between is interpolated.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder.
+
+    `head_dim=None` means `d_model // n_heads`. Multi-head, grouped-query and
+    multi-query attention differ only in `n_kv_heads`.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    head_dim: int | None = None
+    max_seq_len: int = 2048
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # Implementation choices: they never change the function computed.
+    scan_layers: bool = True
+    remat_policy: str = "none"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} must divide d_model={self.d_model} (or set head_dim explicitly)"
+            )
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim <= 0):
+            raise ValueError(f"ModelConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_size % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_size} must be even for rotary embeddings")
+        if self.rope_theta <= 0:
+            raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"ModelConfig.norm_eps must be positive, got {self.norm_eps!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"ModelConfig.remat_policy={self.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}"
+            )
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+        rs = self.rope_scaling
+        if isinstance(rs, dict):  # convenient in configs and overrides
+            object.__setattr__(self, "rope_scaling", rs := RopeScaling(**rs))
+        if rs is not None:
+            if rs.factor < 1 or rs.original_max_seq_len <= 0:
+                raise ValueError(f"ModelConfig.rope_scaling needs factor >= 1 and original_max_seq_len > 0, got {rs}")
+            if not 0 < rs.low_freq_factor < rs.high_freq_factor:
+                raise ValueError(
+                    f"ModelConfig.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got {rs}"
+                )
+
+    @property
+    def head_size(self) -> int:
+        """The per-head dimension H, derived when `head_dim` is None."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid fields: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_LLAMA2 = dict(vocab_size=32_000, max_seq_len=4096, rope_theta=10_000.0, norm_eps=1e-5)
+_LLAMA3 = dict(vocab_size=128_256, max_seq_len=8192, rope_theta=500_000.0, norm_eps=1e-5)
+_LLAMA3_1 = dict(_LLAMA3, max_seq_len=131_072, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192))
+_LLAMA3_2 = dict(_LLAMA3, max_seq_len=131_072, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tie_embeddings=True)
+
+# Published shapes. Llama 2: arXiv:2307.09288 (Table 1) and Meta's released
+# params.json; the FFN widths come from the released weights. Llama 3 / 3.1:
+# arXiv:2407.21783 (Table 3) and the released config.json files. Llama 3.2 1B
+# and 3B: Meta's Llama 3.2 model card and released config.json files.
+VARIANTS: dict[str, ModelConfig] = {
+    "llama2_7b": ModelConfig(**_LLAMA2, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11_008),
+    "llama2_13b": ModelConfig(**_LLAMA2, d_model=5120, n_layers=40, n_heads=40, n_kv_heads=40, d_ff=13_824),
+    "llama2_70b": ModelConfig(**_LLAMA2, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28_672),
+    "llama3_8b": ModelConfig(**_LLAMA3, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14_336),
+    "llama3_70b": ModelConfig(**_LLAMA3, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28_672),
+    "llama3_1_8b": ModelConfig(**_LLAMA3_1, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14_336),
+    "llama3_1_70b": ModelConfig(**_LLAMA3_1, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28_672),
+    "llama3_1_405b": ModelConfig(
+        **_LLAMA3_1, d_model=16_384, n_layers=126, n_heads=128, n_kv_heads=8, d_ff=53_248
+    ),
+    "llama3_2_1b": ModelConfig(**_LLAMA3_2, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192),
+    "llama3_2_3b": ModelConfig(**_LLAMA3_2, d_model=3072, n_layers=28, n_heads=24, n_kv_heads=8, d_ff=8192),
+    # Tiny sizes for CPU work: Llama 3 architecture (GQA, SwiGLU, RoPE, RMSNorm);
+    # the vocabulary is normally replaced by the tokenizer's.
+    "tiny": ModelConfig(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256
+    ),
+    "small": ModelConfig(
+        vocab_size=2048, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=512
+    ),
+}
+
+
+def get_variant(name: str, **overrides: Any) -> ModelConfig:
+    """The published (or tiny) variant `name`, with optional field overrides."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}; valid variants: {', '.join(VARIANTS)}")
+    return VARIANTS[name].replace(**overrides) if overrides else VARIANTS[name]

@@ -1,0 +1,161 @@
+"""The Llama decoder: embed -> (scanned) blocks -> norm -> logits, and its public API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import axes
+from model.config import ModelConfig
+from model.layers import MLP, Attention, RMSNorm, attention_mask, dtype_of, init_normal, logical_param, rope_tables
+
+Params = dict[str, Any]
+
+# Named rematerialisation policies: what each block keeps for the backward pass.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+
+_ACT_BTD = (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_EMBED)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block. Returns `(x, None)` so it can be scanned."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array, mask_BTS: jax.Array
+    ) -> tuple[jax.Array, None]:
+        x_BTD = nn.with_logical_constraint(x_BTD, _ACT_BTD)
+        h_BTD = x_BTD + Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x_BTD), cos_BTh, sin_BTh, mask_BTS)
+        out_BTD = h_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BTD))
+        return nn.with_logical_constraint(out_BTD, _ACT_BTD), None
+
+
+def block_class(cfg: ModelConfig) -> type[nn.Module]:
+    """Block, wrapped in nn.remat when the config asks for a policy."""
+    if cfg.remat_policy == "none":
+        return Block
+    # prevent_cse is only needed outside scan (arXiv jax docs: scan already blocks CSE).
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama. Layers are scanned (one compiled block) or unrolled."""
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        init = init_normal(cfg.init_std)
+        self.embedding_VD = logical_param(self, "embedding", (cfg.vocab_size, cfg.d_model), (axes.VOCAB, axes.EMBED), init)
+        block = block_class(cfg)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+            )(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.final_norm = RMSNorm(cfg, name="final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head_DV = logical_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), init)
+
+    def embed(self, tokens_BT: jax.Array) -> jax.Array:
+        x_BTD = jnp.take(self.embedding_VD, tokens_BT, axis=0).astype(dtype_of(self.cfg.dtype))
+        return nn.with_logical_constraint(x_BTD, _ACT_BTD)
+
+    def run_layers(self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+        if self.cfg.scan_layers:
+            x_BTD, _ = self.layers(x_BTD, cos_BTh, sin_BTh, mask_BTS)
+        else:
+            for layer in self.layers:
+                x_BTD, _ = layer(x_BTD, cos_BTh, sin_BTh, mask_BTS)
+        return x_BTD
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm and output head; logits are float32 whatever the compute dtype."""
+        x_BTD = self.final_norm(x_BTD)
+        dt = dtype_of(self.cfg.dtype)
+        if self.cfg.tie_embeddings:
+            logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embedding_VD.astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head_DV.astype(dt), preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits_BTV, (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_VOCAB))
+
+    def __call__(
+        self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None
+    ) -> jax.Array:
+        b, t = tokens_BT.shape
+        index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions_BT is None:
+            positions_BT = index_BT
+        cos_BTh, sin_BTh = rope_tables(self.cfg, positions_BT)
+        # Causality follows the index in the row (positions restart at each
+        # packed document); segments keep packed documents apart.
+        mask_BTS = attention_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
+        x_BTD = self.run_layers(self.embed(tokens_BT), cos_BTh, sin_BTh, mask_BTS)
+        return self.logits(x_BTD)
+
+
+def _dummy_tokens() -> jax.Array:
+    return jnp.zeros((1, 1), jnp.int32)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes and dtypes of the parameters, still boxed with their logical axes; allocates nothing."""
+    return jax.eval_shape(lambda: Llama(cfg).init(jax.random.key(0), _dummy_tokens()))["params"]
+
+
+def param_logical_axes(cfg: ModelConfig) -> Any:
+    """A pytree matching the parameters whose leaves are PartitionSpecs of logical axis names."""
+    return nn.get_partition_spec(abstract_params(cfg))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Freshly initialised parameters (plain arrays, logical axes stripped)."""
+    boxed = Llama(cfg).init(rng, _dummy_tokens())["params"]
+    return nn.meta.unbox(boxed)
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Logits [B, T, V] (float32) for integer tokens [B, T].
+
+    `positions` default to 0..T-1 in every row; `segment_ids` (same shape)
+    confine attention to tokens of the same packed document.
+    """
+    return Llama(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def unstack_layers(cfg: ModelConfig, params: Params) -> list[Params]:
+    """The per-layer parameter trees, from either the scanned or the unrolled layout."""
+    if cfg.scan_layers:
+        return [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.n_layers)]
+    return [params[f"layers_{i}"] for i in range(cfg.n_layers)]
+
+
+def with_layers(cfg: ModelConfig, params: Params, layers: list[Params]) -> Params:
+    """`params` with its blocks replaced by `layers`, laid out as `cfg` expects."""
+    rest = {k: v for k, v in params.items() if k != "layers" and not k.startswith("layers_")}
+    if cfg.scan_layers:
+        return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+    return {**rest, **{f"layers_{i}": layer for i, layer in enumerate(layers)}}

@@ -1,0 +1,201 @@
+"""Model invariants: shapes, causality, document masking, layouts, numerics, configs, counts."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+from model.config import RopeScaling
+from model.layers import attention_mask, rope_tables
+from model.llama import Llama, unstack_layers, with_layers
+
+TINY = model.VARIANTS["tiny"]
+GQA_31 = TINY.replace(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16))
+
+
+init = jax.jit(model.init_params, static_argnums=0)
+fwd = jax.jit(model.forward, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init(TINY, jax.random.key(0))
+
+
+def _tokens(b: int, t: int, seed: int = 1) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, TINY.vocab_size)
+
+
+def _from_embeddings(m: Llama, x_BTD: jax.Array, segment_ids_BT: jax.Array | None) -> jax.Array:
+    b, t, _ = x_BTD.shape
+    index_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    cos, sin = rope_tables(m.cfg, index_BT)
+    mask = attention_mask(index_BT, index_BT, segment_ids_BT, segment_ids_BT)
+    return m.logits(m.run_layers(x_BTD, cos, sin, mask))
+
+
+def test_shapes_dtypes_finite(params):
+    logits = fwd(TINY, params, _tokens(2, 16))
+    assert logits.shape == (2, 16, TINY.vocab_size)
+    assert logits.dtype == jnp.float32
+    assert bool(jnp.isfinite(logits).all())
+
+
+def test_every_parameter_has_logical_axes():
+    boxed = model.abstract_params(TINY)
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == len(leaf.value.shape)
+        assert all(name is not None for name in leaf.names)
+    assert boxed["layers"]["attn"]["q"].names[0] == model.axes.LAYERS
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_causality_and_document_masking_through_gradients(params, segments):
+    t = 12
+    x = jax.random.normal(jax.random.key(2), (1, t, TINY.d_model))
+    seg = jnp.array([[1] * 5 + [2] * 7]) if segments else None
+    m = Llama(TINY)
+
+    def out_at(x, i):
+        return m.apply({"params": params}, x, seg, method=_from_embeddings)[0, i].sum()
+
+    queries = (0, 4, 5, 11)
+    grads = jax.jit(jax.vmap(jax.grad(out_at), in_axes=(None, 0)))(x, jnp.array(queries))
+    for i, g in zip(queries, grads):
+        influence = np.abs(np.asarray(g[0])).sum(-1)
+        allowed = np.arange(t) <= i
+        if segments:
+            allowed &= np.asarray(seg[0]) == int(seg[0, i])
+        assert np.all(influence[~allowed] == 0.0), (i, influence)
+        assert np.all(influence[allowed] > 0.0), (i, influence)
+
+
+def test_packed_documents_equal_separate_runs(params):
+    doc_a, doc_b = _tokens(1, 7, seed=3), _tokens(1, 9, seed=4)
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    seg = jnp.array([[1] * 7 + [2] * 9])
+    pos = jnp.array([list(range(7)) + list(range(9))])
+    logits = fwd(TINY, params, packed, positions=pos, segment_ids=seg)
+    np.testing.assert_allclose(logits[:, :7], fwd(TINY, params, doc_a), atol=1e-5)
+    np.testing.assert_allclose(logits[:, 7:], fwd(TINY, params, doc_b), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [TINY, GQA_31.replace(tie_embeddings=True)], ids=["gqa", "rope31_tied"])
+def test_scan_equals_unrolled(cfg):
+    p_scan = init(cfg, jax.random.key(5))
+    unrolled = cfg.replace(scan_layers=False)
+    p_unrolled = with_layers(unrolled, {k: v for k, v in p_scan.items() if k != "layers"}, unstack_layers(cfg, p_scan))
+    assert jax.tree.structure(p_unrolled) == jax.tree.structure(jax.eval_shape(init, unrolled, jax.random.key(0)))
+    toks = _tokens(2, 20)
+    np.testing.assert_allclose(
+        fwd(cfg, p_scan, toks), fwd(unrolled, p_unrolled, toks), atol=1e-5, rtol=1e-5
+    )
+
+
+@functools.cache
+def _loss_and_grads(cfg: model.ModelConfig) -> tuple:
+    """Loss and gradients of a fixed batch under `cfg`; cached so each layout is compiled once."""
+    p = init(TINY, jax.random.key(0))
+    if not cfg.scan_layers:
+        p = with_layers(cfg, {k: v for k, v in p.items() if k != "layers"}, unstack_layers(TINY, p))
+    toks = _tokens(2, 16)
+    return jax.jit(jax.value_and_grad(lambda p: jax.nn.log_softmax(fwd(cfg, p, toks)).mean()))(p)
+
+
+@pytest.mark.parametrize(
+    "scan, policy", [(True, "full"), (True, "save_dots"), (True, "save_dots_no_batch"), (False, "full")]
+)
+def test_remat_equals_no_remat(scan, policy):
+    base = TINY.replace(scan_layers=scan)
+    l0, g0 = _loss_and_grads(base)
+    l1, g1 = _loss_and_grads(base.replace(remat_policy=policy))
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_compute_close_to_float32(params):
+    toks = _tokens(2, 32)
+    ref = fwd(TINY, params, toks)
+    low = fwd(TINY.replace(dtype="bfloat16"), params, toks)
+    assert low.dtype == jnp.float32  # logits stay float32
+    rel = float(jnp.linalg.norm(low - ref) / jnp.linalg.norm(ref))
+    assert rel < 2e-2, rel
+    probs_ref, probs_low = jax.nn.softmax(ref), jax.nn.softmax(low)
+    assert float(jnp.abs(probs_ref - probs_low).max()) < 2e-2
+
+
+def test_bf16_parameters_are_stored_in_bf16():
+    p = jax.eval_shape(init, TINY.replace(param_dtype="bfloat16", dtype="bfloat16"), jax.random.key(0))
+    assert {x.dtype for x in jax.tree.leaves(p)} == {jnp.dtype("bfloat16")}
+
+
+def test_rope_scaling_changes_only_low_frequencies():
+    from model.layers import rope_frequencies
+
+    plain = rope_frequencies(128, 500_000.0, None)
+    scaled = rope_frequencies(128, 500_000.0, RopeScaling(8.0, 1.0, 4.0, 8192))
+    wavelen = 2 * np.pi / np.asarray(plain)
+    np.testing.assert_array_equal(np.asarray(scaled)[wavelen < 8192 / 4], np.asarray(plain)[wavelen < 8192 / 4])
+    np.testing.assert_allclose(np.asarray(scaled)[wavelen > 8192], np.asarray(plain)[wavelen > 8192] / 8, rtol=1e-6)
+
+
+PUBLISHED = {
+    # Meta's model cards / released checkpoints.
+    "llama2_7b": 6_738_415_616,
+    "llama2_13b": 13_015_864_320,
+    "llama2_70b": 68_976_648_192,
+    "llama3_8b": 8_030_261_248,
+    "llama3_70b": 70_553_706_496,
+    "llama3_1_405b": 405_853_388_800,
+    "llama3_2_1b": 1_235_814_400,
+    "llama3_2_3b": 3_212_749_824,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_count_params_matches_published(name):
+    assert model.count_params(model.VARIANTS[name]) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", sorted(model.VARIANTS))
+def test_flop_accounting_is_consistent_with_param_count(name):
+    from model.flops import matmul_params
+
+    cfg = model.VARIANTS[name]
+    norms = (2 * cfg.n_layers + 1) * cfg.d_model
+    embedding = cfg.vocab_size * cfg.d_model
+    tied_head = embedding if cfg.tie_embeddings else 0
+    assert matmul_params(cfg) + embedding + norms - tied_head == model.count_params(cfg)
+    per_token = model.flops_per_token(cfg, 2048)
+    assert per_token > 6 * matmul_params(cfg)
+    assert model.flops_per_token(cfg, 4096) > per_token
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(n_heads=5), "n_heads"),
+        (dict(n_kv_heads=3), "n_kv_heads"),
+        (dict(head_dim=15), "head_dim"),
+        (dict(d_model=0), "d_model"),
+        (dict(remat_policy="sometimes"), "remat_policy"),
+        (dict(dtype="float8"), "dtype"),
+        (dict(rope_scaling=dict(factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0)), "rope_scaling"),
+        (dict(d_modle=64), "d_modle"),
+    ],
+)
+def test_invalid_configs_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        TINY.replace(**overrides)
+
+
+def test_unknown_variant_lists_choices():
+    with pytest.raises(ValueError, match="llama3_8b"):
+        model.get_variant("llama4")

@@ -1,0 +1,1 @@
+"""herd's training package: mesh, data, optimizer, step, loop and checkpoints."""
