@@ -46,9 +46,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp"))
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic_pattern"  # a registered data source, see train/data
+    c.data.source = "synthetic_pattern"  # a registered source in train/data: synthetic_*, tfds
     c.data.seq_len = 128
+    c.data.train_split = "train"
     c.data.eval_split = "validation"
+    # For source="tfds": a dataset name (the project's shakespeare_works and
+    # text_folder builders, or any registered TFDS text dataset such as lm1b).
+    c.data.dataset = "shakespeare_works"
+    c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default
+    c.data.text_key = "text"  # feature holding the document text
+    c.data.text_path = config_dict.placeholder(str)  # text_folder: a folder or glob of .txt/.jsonl files
+    c.data.validation_fraction = 0.1  # text_folder: share of files held out
+    c.data.on_invalid_utf8 = "error"  # error | skip (skip counts and warns)
+    c.data.shuffle = True
+    c.data.worker_count = 0  # grain worker processes; 0 reads in the main process
+    c.data.tokenizer = ml_collections.ConfigDict()
+    c.data.tokenizer.name = "byte"  # byte | sentencepiece | tiktoken
+    c.data.tokenizer.path = config_dict.placeholder(str)  # an existing tokenizer.model to load
+    c.data.tokenizer.vocab_size = 2048  # sentencepiece: size of the BPE model trained on the train split
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
