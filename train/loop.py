@@ -66,11 +66,11 @@ def to_global(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[s
 class Trainer:
     """Everything built from a config: mesh, data, compiled steps, checkpoints."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike):
-        self.config, self.workdir = config, os.fspath(workdir)
+    def __init__(self, config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None):
+        self.config = config
         optimizer_lib.validate(config)
         rules = axes.get_rules(config.mesh.rules)
-        self.mesh = mesh_lib.make_mesh(config.mesh)
+        self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         self.rules = rules
         base_cfg = model_config(config)
         self.train_data: Dataset = build_dataset(config, "train", base_cfg.vocab_size)
@@ -121,9 +121,18 @@ class Trainer:
         return finish_eval(sums) if sums else {}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains (or resumes) the experiment in `workdir`; returns the per-step losses and final eval."""
-    trainer = Trainer(config, workdir)
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    devices: list[jax.Device] | None = None,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
+    """Trains (or resumes) the experiment in `workdir`; returns the per-step losses and final eval.
+
+    `stop_at` ends the run early after saving a checkpoint, as a preemption would.
+    """
+    trainer = Trainer(config, devices)
     total = config.train.steps
     ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
@@ -172,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 writer.write(done, scalars | throughput.tick(done))
 
         throughput.reset(start)
-        for step in range(start, total):
+        end = total if stop_at is None else min(stop_at, total)
+        for step in range(start, end):
             batch = to_global(next(data_it), trainer.batch_shardings)
             state, device_metrics = trainer.train_step(state, batch)
             flush()  # step t-1's metrics, read while step t runs
@@ -184,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     final_eval = trainer.evaluate(state.params)
                     writer.write(done, final_eval, prefix="eval/")
                 throughput.reset(done)
-            if ckpt.should_save(done, total):
+            if ckpt.should_save(done, total) or done == end:
                 flush()
                 ckpt.save(done, state, {"train": data_it.get_state()})
                 throughput.reset(done)

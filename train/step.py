@@ -87,9 +87,9 @@ def train_step(
     metrics = {
         "loss": sums["ce_sum"] / tokens,
         "z_loss": sums["z_sum"] / tokens,
-        "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
         "lr": schedule(state.step),
         "tokens": sums["tokens"],
     }
