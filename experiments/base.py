@@ -104,6 +104,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
+def sweep():
+    """A learning-rate sweep over the baseline: dotted-key overrides, one dict per run."""
+    for lr in (1e-4, 3e-4, 1e-3, 3e-3):
+        yield {"optimizer.lr": lr}
+
+
 def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks any experiment to a few CPU seconds."""
     c.model.variant = "tiny"

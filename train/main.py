@@ -1,14 +1,16 @@
 """The `herd` command line: `herd train --config=experiments/<name>.py[:arg] --workdir=DIR`.
 
-Subcommands live in a registry; each takes the parsed absl flags.
+Subcommands live in a registry; each reads the parsed absl flags.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -34,12 +36,63 @@ def cmd_train() -> None:
 COMMANDS: dict[str, Callable[[], None]] = {"train": cmd_train}
 
 
+def load_experiment(spec: str):
+    """Calls get_config(arg) of `path[:arg]`, as config_flags does."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_herd_experiment", path)
+    if module_spec is None or not os.path.exists(path):
+        raise ValueError(f"--config={spec}: no experiment file {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _dotted_keys(config, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if hasattr(value, "items"):
+            keys.extend(_dotted_keys(value, prefix + key + "."))
+    return keys
+
+
+def explain_override_error(argv: Sequence[str]) -> str | None:
+    """For a misspelt `--config.a.b=...`, a message naming it and the closest valid keys."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    config = load_experiment(spec)
+    valid = _dotted_keys(config)
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; see experiments/base.py for every key"
+                return f"--config.{key}: no such key in {spec}{hint}"
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - absl/ml_collections raise many kinds for a bad flag
+        try:
+            message = explain_override_error(argv)
+        except Exception:  # noqa: BLE001 - fall back to the original message
+            message = None
+        message = message or " ".join(str(e).split())
+        print(f"herd: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _run(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: herd {{{'|'.join(COMMANDS)}}} [--flags]; got {' '.join(argv[1:]) or 'nothing'}")
     from train.mesh import maybe_initialize_distributed
 
     maybe_initialize_distributed()  # before any other JAX call
+    _enable_compilation_cache()
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         COMMANDS[argv[1]]()
@@ -47,12 +100,21 @@ def _run(argv: list[str]) -> None:
         if os.environ.get("HERD_DEBUG"):
             raise
         # Errors about configs, data and checkpoints are for people: one line, no traceback.
-        print(f"herd {argv[1]}: error: {e}", file=sys.stderr)
+        print(f"herd {argv[1]}: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
 
 
+def _enable_compilation_cache() -> None:
+    """Reuses compiled steps across runs (HERD_XLA_CACHE='' turns it off)."""
+    import jax
+
+    directory = os.environ.get("HERD_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "herd", "xla"))
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+
+
 def main() -> None:
-    app.run(_run)
+    app.run(_run, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
