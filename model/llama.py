@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -10,9 +11,21 @@ import jax.numpy as jnp
 
 from model import axes
 from model.config import ModelConfig
-from model.layers import MLP, Attention, RMSNorm, attention_mask, dtype_of, init_normal, logical_param, rope_tables
+from model.layers import (
+    MLP,
+    Attention,
+    RMSNorm,
+    attend,
+    attention_mask,
+    dtype_of,
+    init_normal,
+    logical_param,
+    rope_tables,
+)
 
 Params = dict[str, Any]
+# Attention from projected heads: (q_BTNH, k_BTKH, v_BTKH) -> out_BTNH.
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 # Named rematerialisation policies: what each block keeps for the backward pass.
 REMAT_POLICIES = {
@@ -26,18 +39,30 @@ _ACT_BTD = (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_EMBED)
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block. Returns `(x, None)` so it can be scanned."""
+    """One pre-norm transformer block. `__call__` returns `(x, None)` so it can be scanned."""
 
     cfg: ModelConfig
 
-    @nn.compact
     def __call__(
         self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array, mask_BTS: jax.Array
     ) -> tuple[jax.Array, None]:
+        x_BTD, _, _ = self.with_attention(x_BTD, cos_BTh, sin_BTh, functools.partial(attend, mask_BTS=mask_BTS))
+        return x_BTD, None
+
+    @nn.compact
+    def with_attention(
+        self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array, attend_fn: AttendFn
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block with `attend_fn(q_BTNH, k_BTKH, v_BTKH)` as its attention; also returns the new k and v.
+
+        The KV-cache decoder (model/decode.py) passes an `attend_fn` that also reads the cached keys.
+        """
         x_BTD = nn.with_logical_constraint(x_BTD, _ACT_BTD)
-        h_BTD = x_BTD + Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x_BTD), cos_BTh, sin_BTh, mask_BTS)
+        attn = Attention(self.cfg, name="attn")
+        q_BTNH, k_BTKH, v_BTKH = attn.project_qkv(RMSNorm(self.cfg, name="attn_norm")(x_BTD), cos_BTh, sin_BTh)
+        h_BTD = x_BTD + attn.project_out(attend_fn(q_BTNH, k_BTKH, v_BTKH))
         out_BTD = h_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(h_BTD))
-        return nn.with_logical_constraint(out_BTD, _ACT_BTD), None
+        return nn.with_logical_constraint(out_BTD, _ACT_BTD), k_BTKH, v_BTKH
 
 
 def block_class(cfg: ModelConfig) -> type[nn.Module]:

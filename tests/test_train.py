@@ -207,3 +207,19 @@ def test_cli_trains_the_smoke_experiment(tmp_path):
     proc = _herd("train", "--config=experiments/base.py:smoke", f"--workdir={tmp_path}", "--config.log.peak_flops=1e12")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run.json").exists() and sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, caplog):
+    import shutil
+
+    workdir, _ = uninterrupted
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "4" / "state"):
+        for f in files:
+            if not f.startswith("_"):
+                open(os.path.join(root, f), "wb").close()  # truncate the array data
+    config = tiny_config(**{"train.steps": 6})
+    out = train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
+    assert sorted(out["losses"]) == [3, 4, 5, 6]  # resumed from step 2
+    assert "checkpoint 4" in caplog.text and "unreadable" in caplog.text
+    assert os.listdir(tmp_path / "damaged_checkpoints")  # set aside, not deleted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -88,17 +89,33 @@ class Checkpointer:
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        self.check_compatible(steps[0], abstract_state)
         for i, s in enumerate(steps):
             try:
+                self.check_compatible(s, abstract_state)
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
                 restored = self.manager.restore(s, args=args)
+                self._set_aside(steps[:i])
                 return s, restored.state, restored.data
+            except CheckpointError:
+                raise  # a readable checkpoint of another config: falling back would hide it
             except Exception as e:  # noqa: BLE001 - a damaged checkpoint may fail in many ways
                 if i == len(steps) - 1:
                     raise CheckpointError(f"could not restore any checkpoint in {self.directory}: {e}") from e
                 log.warning("checkpoint %d in %s is unreadable (%s); trying an older one", s, self.directory, e)
         raise AssertionError("unreachable")
+
+    def _set_aside(self, damaged: list[int]) -> None:
+        """Moves unreadable checkpoints out of the way (never deletes them) so their steps can be saved again."""
+        if not damaged:
+            return
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+            os.makedirs(aside, exist_ok=True)
+            for step in damaged:
+                target = os.path.join(aside, f"{step}.{int(time.time())}")
+                os.rename(os.path.join(self.directory, str(step)), target)
+                log.warning("moved unreadable checkpoint %d to %s", step, target)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -131,10 +131,18 @@ def _synthetic(kind: str) -> Callable[..., Dataset]:
     return build
 
 
+def _tfds(config: ml_collections.ConfigDict, split: str, vocab_size: int) -> Dataset:
+    # Imported on use: TFDS is slow to import and synthetic runs do not need it.
+    from train.data.pipeline import build_tfds
+
+    return build_tfds(config, split, vocab_size)
+
+
 # name -> builder(config, split, model vocab size) -> Dataset. Real corpora register here too.
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str, int], Dataset]] = {
     "synthetic_random": _synthetic("random"),
     "synthetic_pattern": _synthetic("pattern"),
+    "tfds": _tfds,  # train/data/pipeline.py: TFDS text -> tokenize -> pack -> batch, with grain
 }
 
 

@@ -1,0 +1,429 @@
+"""KV-cache decoding: batched prefill, one-token steps, sampling (greedy, temperature, top-k, top-p).
+
+The cache is a plain pytree (`KVCache`), allocated once for `max_len` slots and
+updated functionally. Row b of a batch keeps its tokens in slots
+[start_B[b], end_B[b]); the token in slot s has rotary position s - start_B[b],
+so every prompt starts at position 0 whether the batch is left padded (pad
+before `start_B`) or right padded (stale slots past `end_B`, overwritten as the
+row grows and never attended to). `generate` and `stream` run one jitted
+prefill and one jitted step, compiled once per (batch, prompt length,
+max_len) and reused for every token and every sampling setting of the same
+kind.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from model import axes
+from model.config import ModelConfig
+from model.layers import attend, attention_mask, dtype_of, rope_tables
+from model.llama import Block, Llama, Params
+
+PADDING_SIDES = ("left", "right")
+# The cache is laid out like the attention keys and values: batch and kv heads
+# split as activations are; layers stay whole (each step reads all of them).
+CACHE_AXES = (None, axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_KV_HEADS, None)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, [L, B, S, K, H], and the slots each row occupies."""
+
+    k_LBSKH: jax.Array
+    v_LBSKH: jax.Array
+    start_B: jax.Array  # int32: first slot of the row's sequence (its position 0)
+    end_B: jax.Array  # int32: next slot to write; slots [start, end) are attended to
+
+
+def cache_logical_axes() -> KVCache:
+    """PartitionSpecs of logical axis names matching `KVCache`, e.g. to build jit out_shardings."""
+    kv = PartitionSpec(*CACHE_AXES)
+    return KVCache(kv, kv, PartitionSpec(axes.ACT_BATCH), PartitionSpec(axes.ACT_BATCH))
+
+
+def _constrain(cache: KVCache) -> KVCache:
+    """Applies the cache's logical sharding; a no-op unless logical axis rules are set."""
+    return KVCache(*(nn.with_logical_constraint(x, spec) for x, spec in zip(cache, cache_logical_axes())))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+    """An empty cache of `max_len` slots per row, in the compute dtype."""
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_size)
+    zeros = jnp.zeros(shape, dtype_of(cfg.dtype))
+    empty_B = jnp.zeros((batch,), jnp.int32)
+    return _constrain(KVCache(zeros, zeros, empty_B, empty_B))
+
+
+def _attend_with_cache(
+    q_BTNH: jax.Array,
+    k_BTKH: jax.Array,
+    v_BTKH: jax.Array,
+    k_cache_BSKH: jax.Array,
+    v_cache_BSKH: jax.Array,
+    mask_cache_BTS: jax.Array,
+    mask_new_BTT: jax.Array,
+) -> jax.Array:
+    """`layers.attend` over the cached keys followed by the new ones, without concatenating the cache.
+
+    One softmax spans both parts; only the scores are joined, so each step reads
+    the cache once and never copies it.
+    """
+    b, t, n, h = q_BTNH.shape
+    k = k_BTKH.shape[2]
+    s = k_cache_BSKH.shape[1]
+    q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+    old_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_cache_BSKH, preferred_element_type=jnp.float32)
+    new_BKGTT = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BTKH, preferred_element_type=jnp.float32)
+    scores_BKGTX = jnp.concatenate([old_BKGTS, new_BKGTT], axis=-1) / math.sqrt(h)
+    mask_BTX = jnp.concatenate([mask_cache_BTS, mask_new_BTT], axis=-1)
+    scores_BKGTX = jnp.where(mask_BTX[:, None, None], scores_BKGTX, jnp.finfo(jnp.float32).min)
+    probs_BKGTX = jax.nn.softmax(scores_BKGTX, axis=-1).astype(v_BTKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTX[..., :s], v_cache_BSKH) + jnp.einsum(
+        "BKGTS,BSKH->BTKGH", probs_BKGTX[..., s:], v_BTKH
+    )
+    return out_BTKGH.reshape(b, t, n, h)
+
+
+def _extend(
+    cfg: ModelConfig, params: Params, cache: KVCache, tokens_BT: jax.Array, n_new_B: jax.Array, *, fresh: bool
+) -> tuple[jax.Array, KVCache]:
+    """Runs `tokens_BT` from each row's `end_B` slot; returns the logits after each row's last new token.
+
+    Row b's tokens past `n_new_B[b]` are padding: their keys are written but lie
+    past the new `end_B`, so nothing attends to them. With `fresh` the cache is
+    known to be empty and is not read.
+    """
+    b, t = tokens_BT.shape
+    slot_BT = cache.end_B[:, None] + jnp.arange(t, dtype=jnp.int32)
+    cos_BTh, sin_BTh = rope_tables(cfg, slot_BT - cache.start_B[:, None])
+    # New keys: causal among themselves and not before the row's start (left padding).
+    index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask_new_BTT = attention_mask(index_BT, index_BT) & (slot_BT >= cache.start_B[:, None])[:, None, :]
+    if not fresh:
+        slot_S = jnp.arange(cache.k_LBSKH.shape[2], dtype=jnp.int32)
+        live_BS = (slot_S >= cache.start_B[:, None]) & (slot_S < cache.end_B[:, None])
+        mask_cache_BTS = jnp.broadcast_to(live_BS[:, None, :], (b, t, slot_S.shape[0]))
+
+    llama, block = Llama(cfg), Block(cfg)
+    x_BTD = llama.apply({"params": params}, tokens_BT, method=Llama.embed)
+
+    def layer(x_BTD: jax.Array, p: Params, k_cache_BSKH: jax.Array | None, v_cache_BSKH: jax.Array | None) -> tuple:
+        if fresh:
+            attend_fn = functools.partial(attend, mask_BTS=mask_new_BTT)
+        else:
+            attend_fn = functools.partial(
+                _attend_with_cache,
+                k_cache_BSKH=k_cache_BSKH,
+                v_cache_BSKH=v_cache_BSKH,
+                mask_cache_BTS=mask_cache_BTS,
+                mask_new_BTT=mask_new_BTT,
+            )
+        x_BTD, k_BTKH, v_BTKH = block.apply(
+            {"params": p}, x_BTD, cos_BTh, sin_BTh, attend_fn, method=Block.with_attention
+        )
+        return x_BTD, (k_BTKH, v_BTKH)
+
+    cached = (None, None) if fresh else (cache.k_LBSKH, cache.v_LBSKH)
+    if cfg.scan_layers:
+        x_BTD, (k_LBTKH, v_LBTKH) = jax.lax.scan(lambda x, xs: layer(x, *xs), x_BTD, (params["layers"], *cached))
+    else:
+        new = []
+        for i in range(cfg.n_layers):
+            k_i, v_i = (None, None) if fresh else (cache.k_LBSKH[i], cache.v_LBSKH[i])
+            x_BTD, kv = layer(x_BTD, params[f"layers_{i}"], k_i, v_i)
+            new.append(kv)
+        k_LBTKH, v_LBTKH = (jnp.stack(parts) for parts in zip(*new))
+
+    # Write the new keys and values at each row's own slots (a scatter, in place when the cache is donated).
+    rows_B1 = jnp.arange(b)[:, None]
+    k_LBSKH = cache.k_LBSKH.at[:, rows_B1, slot_BT].set(k_LBTKH.astype(cache.k_LBSKH.dtype), mode="drop")
+    v_LBSKH = cache.v_LBSKH.at[:, rows_B1, slot_BT].set(v_LBTKH.astype(cache.v_LBSKH.dtype), mode="drop")
+    last_B11 = (n_new_B - 1)[:, None, None]
+    x_B1D = jnp.take_along_axis(x_BTD, last_B11, axis=1)
+    logits_BV = llama.apply({"params": params}, x_B1D, method=Llama.logits)[:, 0]
+    return logits_BV, _constrain(KVCache(k_LBSKH, v_LBSKH, cache.start_B, cache.end_B + n_new_B))
+
+
+def prefill(
+    cfg: ModelConfig, params: Params, cache: KVCache, tokens_BT: jax.Array, lengths_B: jax.Array, padding: str = "left"
+) -> tuple[jax.Array, KVCache]:
+    """Fills an empty cache with padded prompts; returns the logits after each prompt [B, V] and the cache.
+
+    `lengths_B` are the true prompt lengths; `padding` says on which side of
+    each row the pad tokens lie ("left" or "right").
+    """
+    b, t = tokens_BT.shape
+    lengths_B = jnp.asarray(lengths_B, jnp.int32)
+    if padding == "left":
+        start_B, n_new_B = t - lengths_B, jnp.full((b,), t, jnp.int32)
+    elif padding == "right":
+        start_B, n_new_B = jnp.zeros((b,), jnp.int32), lengths_B
+    else:
+        raise ValueError(f"padding={padding!r} must be one of {', '.join(PADDING_SIDES)}")
+    cache = cache._replace(start_B=start_B, end_B=jnp.zeros((b,), jnp.int32))
+    return _extend(cfg, params, cache, tokens_BT, n_new_B, fresh=True)
+
+
+def decode_step(cfg: ModelConfig, params: Params, cache: KVCache, tokens_B: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Appends one token per row at that row's next slot; returns the next-token logits [B, V] and the cache."""
+    return _extend(cfg, params, cache, tokens_B[:, None], jnp.ones_like(cache.end_B), fresh=False)
+
+
+def sample(
+    logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
+    """One token per row [B]: greedy when `temperature` is 0, else temperature, top-k, top-p, then a draw.
+
+    The greedy / filtered choice is taken from the Python values; pass traced
+    values only through `_sample`.
+    """
+    greedy, filtered = _mode(temperature, top_k, top_p)
+    return _sample(logits_BV, rng, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), greedy, filtered)
+
+
+def _mode(temperature: float, top_k: int, top_p: float) -> tuple[bool, bool]:
+    """Which compiled sampler a setting needs: (greedy, top-k/top-p filtering)."""
+    return temperature == 0, top_k > 0 or top_p < 1
+
+
+def _sample(
+    logits_BV: jax.Array,
+    rng: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    greedy: bool,
+    filtered: bool,
+) -> jax.Array:
+    """`sample` with traced settings; `greedy` and `filtered` are static."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if filtered:
+        v = logits_BV.shape[-1]
+        sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
+        # top-k: keep logits >= the k-th largest (0 = off; ties at the boundary are kept).
+        kth_B = jnp.take(sorted_BV, jnp.clip(top_k, 1, v) - 1, axis=-1)
+        kth_B = jnp.where(top_k > 0, kth_B, -jnp.inf)
+        sorted_BV = jnp.where(sorted_BV >= kth_B[:, None], sorted_BV, -jnp.inf)
+        # top-p (arXiv:1904.09751): the smallest prefix of the sorted distribution whose mass reaches top_p.
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+        n_keep_B = jnp.maximum(jnp.sum(before_BV < top_p, axis=-1), 1)
+        cutoff_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
+        # top_p = 1 keeps everything, even a tail the float32 running sum has already rounded up to 1.
+        cutoff_B = jnp.where(top_p < 1, cutoff_B, -jnp.inf)
+        logits_BV = jnp.where(logits_BV >= jnp.maximum(kth_B, cutoff_B)[:, None], logits_BV, -jnp.inf)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+class _Settings(NamedTuple):
+    """Traced sampling and stopping settings, shared by the prefill and step functions."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    eos_E: jax.Array  # stop tokens; may be empty
+    pad_id: jax.Array
+
+
+def _choose(
+    logits_BV: jax.Array, done_B: jax.Array, rng: jax.Array, s: _Settings, greedy: bool, filtered: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Samples the next tokens; finished rows get `pad_id`. Returns (tokens_B, done_B, rng)."""
+    rng, key = jax.random.split(rng)
+    tokens_B = _sample(logits_BV, key, s.temperature, s.top_k, s.top_p, greedy, filtered)
+    tokens_B = jnp.where(done_B, s.pad_id, tokens_B)
+    return tokens_B, done_B | jnp.isin(tokens_B, s.eos_E), rng
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _prefill_and_sample(
+    cfg: ModelConfig,
+    max_len: int,
+    padding: str,
+    greedy: bool,
+    filtered: bool,
+    rules: axes.Rules,
+    params: Params,
+    tokens_BT: jax.Array,
+    lengths_B: jax.Array,
+    rng: jax.Array,
+    settings: _Settings,
+) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+    # The logical axis rules are a static argument so that jit's cache tells
+    # calls under different rules apart; they are re-entered while tracing.
+    with nn.logical_axis_rules(rules):
+        cache = init_cache(cfg, tokens_BT.shape[0], max_len)
+        logits_BV, cache = prefill(cfg, params, cache, tokens_BT, lengths_B, padding)
+        done_B = jnp.zeros(tokens_BT.shape[:1], bool)
+        tokens_B, done_B, rng = _choose(logits_BV, done_B, rng, settings, greedy, filtered)
+    return tokens_B, done_B, cache, rng
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames="cache")
+def _step_and_sample(
+    cfg: ModelConfig,
+    greedy: bool,
+    filtered: bool,
+    rules: axes.Rules,
+    params: Params,
+    cache: KVCache,
+    tokens_B: jax.Array,
+    done_B: jax.Array,
+    rng: jax.Array,
+    settings: _Settings,
+) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
+    with nn.logical_axis_rules(rules):
+        logits_BV, cache = decode_step(cfg, params, cache, tokens_B)
+        tokens_B, done_B, rng = _choose(logits_BV, done_B, rng, settings, greedy, filtered)
+    return tokens_B, done_B, cache, rng
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, padding: str = "left") -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as one int32 [B, T] array padded on `padding`'s side, and their lengths [B]."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+        if padding == "left":
+            tokens[row, tokens.shape[1] - len(prompt) :] = prompt
+        else:
+            tokens[row, : len(prompt)] = prompt
+    return tokens, lengths
+
+
+def _eos_ids(eos_id: int | Sequence[int] | None) -> list[int]:
+    if eos_id is None:
+        return []
+    return [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
+
+
+def _check(
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_ids: list[int],
+    pad_id: int,
+    padding: str,
+) -> None:
+    """Rejects a bad request with one line naming the argument, before anything is compiled."""
+    v = cfg.vocab_size
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; pass at least one prompt (a list of token ids)")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
+        bad = [t for t in prompt if not is_int(t) or not 0 <= t < v]
+        if bad:
+            raise ValueError(f"prompt {i} has token {bad[0]!r} outside the vocabulary [0, {v})")
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = {longest + max_new_tokens} "
+            f"exceeds the model's max_seq_len={cfg.max_seq_len}"
+        )
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if not is_int(top_k) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 = no top-k filtering)")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 = no nucleus filtering)")
+    for name, ids in (("eos_id", eos_ids), ("pad_id", [pad_id])):
+        bad = [t for t in ids if not is_int(t) or not 0 <= t < v]
+        if bad:
+            raise ValueError(f"{name}={bad[0]!r} must be a token id in [0, {v})")
+    if padding not in PADDING_SIDES:
+        raise ValueError(f"padding={padding!r} must be one of {', '.join(PADDING_SIDES)}")
+
+
+def stream(
+    cfg: ModelConfig,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    rng: jax.Array,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | Sequence[int] | None = None,
+    pad_id: int = 0,
+    padding: str = "left",
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields `(tokens_B, live_B)` once per generated position: the new token of each row, and
+    whether it is real output (False once the row has emitted an EOS; its token is then `pad_id`).
+
+    Stops after `max_new_tokens` positions or when every row has emitted an EOS
+    (any of `eos_id`). Sampling is greedy when `temperature` is 0; otherwise the
+    draws depend only on `rng` and the settings. Arguments are checked first.
+    """
+    eos_ids = _eos_ids(eos_id)
+    _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, padding)
+    greedy, filtered = _mode(temperature, top_k, top_p)
+    rules = tuple(nn.get_logical_axis_rules())
+    settings = _Settings(
+        jnp.float32(temperature if temperature > 0 else 1.0),
+        jnp.int32(top_k),
+        jnp.float32(top_p),
+        jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+        jnp.int32(pad_id),
+    )
+    tokens_BT, lengths_B = pad_prompts(prompts, pad_id, padding)
+    # The last sampled token is never fed back, so it needs no slot.
+    max_len = tokens_BT.shape[1] + max_new_tokens - 1
+    tokens_B, done_B, cache, rng = _prefill_and_sample(
+        cfg, max_len, padding, greedy, filtered, rules, params, tokens_BT, lengths_B, rng, settings
+    )
+    live_B = np.ones(len(prompts), bool)
+    for i in range(max_new_tokens):
+        if i + 1 < max_new_tokens:  # dispatch the next step before waiting for this one's tokens
+            ahead = _step_and_sample(cfg, greedy, filtered, rules, params, cache, tokens_B, done_B, rng, settings)
+        tokens, done = np.asarray(tokens_B), np.asarray(done_B)
+        yield tokens, live_B
+        if done.all():
+            return
+        live_B = ~done
+        if i + 1 < max_new_tokens:
+            tokens_B, done_B, cache, rng = ahead
+
+
+def generate(
+    cfg: ModelConfig,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    rng: jax.Array,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | Sequence[int] | None = None,
+    pad_id: int = 0,
+    padding: str = "left",
+) -> list[list[int]]:
+    """The new tokens of each prompt (prompt excluded), up to and including its first EOS; see `stream`."""
+    out: list[list[int]] = [[] for _ in prompts]
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id, padding=padding)
+    for tokens_B, live_B in stream(cfg, params, prompts, max_new_tokens=max_new_tokens, rng=rng, **kw):
+        for row in np.flatnonzero(live_B):
+            out[row].append(int(tokens_B[row]))
+    return out

@@ -1,0 +1,286 @@
+"""Text corpora from TFDS through grain: shuffle, tokenize, pack with document masking, batch.
+
+`data.source="tfds"` reads `data.dataset` (prepared by `train.data.builders`) with
+this pipeline, run independently by every process on its own documents:
+
+    tfds.data_source(split)             random-access array_record records
+    .shuffle(seed).repeat()             train only: epoch e is permuted with seed + e
+    [process_index::process_count]      this process's documents (disjoint, together all)
+    .map(tokenize)                      [BOS] + text + [EOS], and each token's UTF-8 bytes
+    .to_iter_dataset() / .mp_prefetch() data.worker_count processes tokenize ahead (train)
+    PackIterDataset                     concatenate, cut into rows of seq_len + 1 tokens
+    .batch(global_batch // process_count).map(lm_batch)
+
+Packing (as Llama 3, arXiv:2407.21783 §3.2: attention never crosses a document):
+a row holds consecutive pieces of the document stream; `segment_ids` number them
+1, 2, ... and `positions` restart at 0 for each, including a document's tail
+continued from the previous row. `inputs` / `targets` are the row shifted by one;
+`loss_mask` is 1 where the target is in the input's document (0 across a document
+boundary and on padding, which only a finite pass's last row has). `target_bytes`
+comes from `Tokenizer.token_bytes` on the whole document, so summed over all of a
+process's targets plus its rows' first tokens it is exactly the text's UTF-8 bytes.
+
+Determinism and state: batch k of a process is a function of (seed, k, process
+index, process count) alone. The iterator's state is the position of the next
+row in the process's document stream, `{"document": d, "offset": t}` (token t of
+its d-th document): JSON-able, independent of seq_len, batch size and worker
+count, and restoring it re-tokenizes one document and yields exactly the batches
+the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Callable, Iterator, Sequence
+
+import grain
+import ml_collections
+from absl import flags
+import numpy as np
+
+from train.data import builders
+from train.data.base import Batch, BatchIterator, Dataset, local_rows
+from train.data.tokenizers import Tokenizer, build_tokenizer
+
+TOKENIZER_CACHE = "herd_tokenizers"  # under the TFDS data dir: trained SentencePiece models
+_STATE_VERSION = 1
+_TOKENIZERS: dict[str, Tokenizer] = {}  # one tokenizer per (corpus, tokenizer config) and process
+# What a saved position depends on (not seq_len, batch size or worker count, which may change on resume).
+_LAYOUT_HINTS = {
+    "stream": "the same data.dataset, split, tokenizer, seed and data.shuffle",
+    "process_count": "the same number of processes (each reads its own documents)",
+    "process_index": "the process that saved it: the checkpoint must keep every process's data state",
+}
+
+
+def record_text(record: dict[str, Any], text_key: str) -> str:
+    """The document under `text_key` of a record (UTF-8 bytes from TFDS; str from mocks)."""
+    value = record[text_key]
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"a document's data.text_key={text_key!r} is not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
+class Tokenize:
+    """grain map: record -> int32 [n, 2] of (token id, UTF-8 bytes it stands for); picklable for workers."""
+
+    def __init__(self, tokenizer: Tokenizer, text_key: str):
+        self.tokenizer, self.text_key = tokenizer, text_key
+
+    def __call__(self, record: dict[str, Any]) -> np.ndarray:
+        ids = np.asarray(self.tokenizer.encode_document(record_text(record, self.text_key)), np.int32)
+        return np.stack([ids, self.tokenizer.token_bytes(ids).astype(np.int32)], axis=-1)
+
+
+class _PackIterator(grain.DatasetIterator):
+    """Concatenates [n, 2] documents and cuts the stream into rows of `length` (see module doc)."""
+
+    def __init__(self, parent: grain.DatasetIterator, length: int, pad_id: int):
+        super().__init__(parent)
+        self._length, self._pad_id = length, pad_id
+        self._fetched = 0  # documents taken from the parent
+        self._doc: np.ndarray | None = None  # the document being cut, if any
+        self._offset = 0  # its tokens already emitted
+        self._arange = np.arange(length, dtype=np.int32)
+
+    def _next_document(self) -> np.ndarray:
+        doc = next(self._parent)
+        self._fetched += 1
+        return doc
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        n = self._length
+        tokens, nbytes = np.full(n, self._pad_id, np.int32), np.zeros(n, np.int32)
+        segments, positions = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        filled, segment = 0, 0
+        while filled < n:
+            if self._doc is None:
+                try:
+                    self._doc, self._offset = self._next_document(), 0
+                except StopIteration:
+                    if not filled:
+                        raise
+                    break  # a finite pass ends: pad the last row
+            take = min(n - filled, len(self._doc) - self._offset)
+            piece = self._doc[self._offset : self._offset + take]
+            segment += 1
+            tokens[filled : filled + take], nbytes[filled : filled + take] = piece[:, 0], piece[:, 1]
+            segments[filled : filled + take], positions[filled : filled + take] = segment, self._arange[:take]
+            filled += take
+            self._offset += take
+            if self._offset == len(self._doc):
+                self._doc = None
+        return {"tokens": tokens, "bytes": nbytes, "segment_ids": segments, "positions": positions}
+
+    def get_state(self) -> dict[str, int]:
+        if self._doc is None:
+            return {"document": self._fetched, "offset": 0}
+        return {"document": self._fetched - 1, "offset": self._offset}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        document, offset = int(state["document"]), int(state["offset"])
+        grain.experimental.set_next_index(self._parent, document)
+        self._fetched, self._doc, self._offset = document, None, 0
+        if offset:
+            doc = self._next_document()
+            if offset >= len(doc):
+                raise ValueError(
+                    f"data iterator state offset {offset} is past the end of document {document} ({len(doc)} tokens): "
+                    "the state was saved with another dataset, tokenizer or seed"
+                )
+            self._doc, self._offset = doc, offset
+
+
+class PackIterDataset(grain.IterDataset):
+    """Concatenate-and-split packing of token documents into rows of `length`, with segment ids and positions."""
+
+    def __init__(self, parent: grain.IterDataset, length: int, pad_id: int):
+        super().__init__(parent)
+        self._length, self._pad_id = length, pad_id
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), self._length, self._pad_id)
+
+
+def lm_batch(rows: dict[str, np.ndarray]) -> Batch:
+    """Packed [B, T + 1] rows -> the [B, T] training batch of `train.step` (inputs/targets shifted by one)."""
+    tokens, segments = rows["tokens"], rows["segment_ids"]
+    same_document = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": same_document.astype(np.float32),
+        "positions": rows["positions"][:, :-1],
+        "segment_ids": segments[:, :-1],
+        "target_bytes": rows["bytes"][:, 1:],
+    }
+
+
+class TfdsIterator(BatchIterator):
+    """This process's batches of a TfdsDataset; state = stream position + the layout it belongs to."""
+
+    def __init__(self, dataset: grain.IterDataset, layout: dict[str, Any]):
+        self._dataset, self._layout = dataset, layout
+        self._it = iter(dataset)
+
+    def __next__(self) -> Batch:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"version": _STATE_VERSION, **self._layout, "position": self._it.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION or "position" not in state:
+            raise ValueError(f"data iterator state {state!r} was not written by the tfds pipeline "
+                             f"(version {_STATE_VERSION}); start a new --workdir")
+        for key, value in self._layout.items():
+            if state.get(key) != value:
+                raise ValueError(f"data iterator state has {key}={state.get(key)!r} but this run has {value!r}: "
+                                 f"a position is only valid for {_LAYOUT_HINTS[key]}")
+        self._it.set_state(state["position"])
+
+
+def _spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _texts(config: ml_collections.ConfigDict) -> Callable[[], Iterator[str]]:
+    """Restartable texts of the train split: what a SentencePiece tokenizer is trained on."""
+
+    def texts() -> Iterator[str]:
+        source = builders.data_source(config, config.data.train_split)
+        for i in range(len(source)):
+            yield record_text(source[i], config.data.text_key)
+
+    return texts
+
+
+def corpus_tokenizer(config: ml_collections.ConfigDict, corpus: str) -> Tokenizer:
+    """`data.tokenizer` for corpus `corpus`; trained on its train split once, cached in <data_dir>/herd_tokenizers."""
+    d = config.data
+    key = _spec_hash(dict(tokenizer=d.tokenizer.to_dict(), corpus=corpus, dir=builders.data_dir(config),
+                          split=d.train_split, text_key=d.text_key))
+    if key not in _TOKENIZERS:
+        cache = os.path.join(builders.data_dir(config), TOKENIZER_CACHE)
+        _TOKENIZERS[key] = build_tokenizer(d.tokenizer, cache_dir=cache, training_texts=_texts(config))
+    return _TOKENIZERS[key]
+
+
+class TfdsDataset(Dataset):
+    """A split of a TFDS text dataset, tokenized and packed by grain (see the module docstring)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, split: str):
+        d = config.data
+        if d.seq_len <= 0:
+            raise ValueError(f"data.seq_len={d.seq_len} must be positive")
+        if d.worker_count < 0:
+            raise ValueError(f"data.worker_count={d.worker_count} must be >= 0 (0 tokenizes in the main process)")
+        builder = builders.prepare(config)
+        self.source = builders.data_source(config, split)
+        if len(self.source) == 0:
+            raise ValueError(f"split {split!r} of data.dataset={d.dataset!r} ({builder.data_dir}) holds no documents")
+        self.name, self.split, self.text_key = builder.info.full_name, split, d.text_key
+        self.tokenizer = corpus_tokenizer(config, self.name)
+        self.vocab_size = self.tokenizer.vocab_size
+        self.seq_len, self.seed = d.seq_len, config.seed % 2**32  # grain shuffle seeds are uint32
+        # The eval split is read in order; its iterator is rebuilt at every evaluation, so worker
+        # processes (seconds to start) are only worth it for the train split.
+        is_train = split == d.train_split
+        self.shuffle, self.workers = bool(d.shuffle and is_train), d.worker_count if is_train else 0
+
+    def pipeline(self, global_batch: int, process_index: int = 0, process_count: int = 1,
+                 epochs: int | None = None) -> grain.IterDataset:
+        """The grain dataset of this process's batches; `epochs=None` repeats forever."""
+        rows = local_rows(global_batch, process_index, process_count)
+        if len(self.source) < process_count:
+            raise ValueError(f"split {self.split!r} of {self.name} has {len(self.source)} documents, fewer than the "
+                             f"{process_count} processes that each read their own")
+        ds = grain.MapDataset.source(self.source)
+        if self.shuffle:
+            ds = ds.shuffle(seed=self.seed)
+        # After shuffle: each epoch gets its own permutation. Before slicing: over an epoch the
+        # processes together read every document once.
+        ds = ds.repeat(epochs)[process_index::process_count].map(Tokenize(self.tokenizer, self.text_key))
+        docs = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if self.workers:
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use the defaults
+                flags.FLAGS.mark_as_parsed()
+            docs = docs.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
+        packed = PackIterDataset(docs, self.seq_len + 1, self.tokenizer.pad_id)
+        return packed.batch(len(rows), drop_remainder=False).map(lm_batch)
+
+    def iterator(self, global_batch: int, process_index: int = 0, process_count: int = 1,
+                 epochs: int | None = None) -> TfdsIterator:
+        """Batches of `global_batch // process_count` rows from this process's documents.
+
+        The train split repeats (reshuffled each epoch); the eval split is read in order
+        and starts over when it runs out. `epochs` instead ends after that many passes,
+        the last row padded and the last batch possibly short.
+        """
+        layout = dict(stream=self.stream(), process_count=process_count, process_index=process_index)
+        return TfdsIterator(self.pipeline(global_batch, process_index, process_count, epochs), layout)
+
+    def stream(self) -> str:
+        """A hash of what fixes the document token stream (what an iterator position refers to)."""
+        return _spec_hash(dict(dataset=self.name, split=self.split, text_key=self.text_key,
+                               tokenizer=self.tokenizer.fingerprint(), seed=self.seed, shuffle=self.shuffle))
+
+    def fingerprint(self) -> str:
+        return "tfds-" + _spec_hash(dict(stream=self.stream(), seq_len=self.seq_len))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+
+def build_tfds(config: ml_collections.ConfigDict, split: str, vocab_size: int) -> Dataset:
+    """SOURCES entry: the model's vocabulary is replaced by the tokenizer's (`Dataset.vocab_size`)."""
+    del vocab_size
+    return TfdsDataset(config, split)
+
+
+__all__ = ["PackIterDataset", "TfdsDataset", "TfdsIterator", "Tokenize", "build_tfds", "lm_batch"]
