@@ -6,16 +6,16 @@ updated functionally. Row b of a batch keeps its tokens in slots
 so every prompt starts at position 0 whether the batch is left padded (pad
 before `start_B`) or right padded (stale slots past `end_B`, overwritten as the
 row grows and never attended to). `generate` and `stream` run one jitted
-prefill and one jitted step, compiled once per (batch, prompt length,
-max_len) and reused for every token and every sampling setting of the same
-kind.
+prefill and one jitted step, compiled once per (batch, padded prompt length,
+max_new_tokens) and reused for every token, seed and sampling setting (one
+compilation for greedy, one for sampling).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -179,51 +179,42 @@ def decode_step(cfg: ModelConfig, params: Params, cache: KVCache, tokens_B: jax.
 
 
 def sample(
-    logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits_BV: jax.Array,
+    rng: jax.Array,
+    temperature: float | jax.Array = 1.0,
+    top_k: int | jax.Array = 0,
+    top_p: float | jax.Array = 1.0,
 ) -> jax.Array:
-    """One token per row [B]: greedy when `temperature` is 0, else temperature, top-k, top-p, then a draw.
-
-    The greedy / filtered choice is taken from the Python values; pass traced
-    values only through `_sample`.
+    """One token per row [B]: greedy when `temperature` is the Python number 0, else scaled by
+    `temperature`, filtered to the `top_k` largest (0 = off), then to the top-p nucleus
+    (arXiv:1904.09751; 1 = off), and drawn with `rng`. Works on traced settings.
     """
-    greedy, filtered = _mode(temperature, top_k, top_p)
-    return _sample(logits_BV, rng, jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), greedy, filtered)
-
-
-def _mode(temperature: float, top_k: int, top_p: float) -> tuple[bool, bool]:
-    """Which compiled sampler a setting needs: (greedy, top-k/top-p filtering)."""
-    return temperature == 0, top_k > 0 or top_p < 1
+    greedy = isinstance(temperature, (int, float)) and temperature == 0
+    return _sample(logits_BV, rng, jnp.asarray(temperature, jnp.float32), top_k, top_p, greedy)
 
 
 def _sample(
-    logits_BV: jax.Array,
-    rng: jax.Array,
-    temperature: jax.Array,
-    top_k: jax.Array,
-    top_p: jax.Array,
-    greedy: bool,
-    filtered: bool,
+    logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, greedy: bool
 ) -> jax.Array:
-    """`sample` with traced settings; `greedy` and `filtered` are static."""
+    """`sample` with `greedy` static; the filters always run, so any setting shares one compilation."""
     logits_BV = logits_BV.astype(jnp.float32)
     if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV / temperature
-    if filtered:
-        v = logits_BV.shape[-1]
-        sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
-        # top-k: keep logits >= the k-th largest (0 = off; ties at the boundary are kept).
-        kth_B = jnp.take(sorted_BV, jnp.clip(top_k, 1, v) - 1, axis=-1)
-        kth_B = jnp.where(top_k > 0, kth_B, -jnp.inf)
-        sorted_BV = jnp.where(sorted_BV >= kth_B[:, None], sorted_BV, -jnp.inf)
-        # top-p (arXiv:1904.09751): the smallest prefix of the sorted distribution whose mass reaches top_p.
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-        n_keep_B = jnp.maximum(jnp.sum(before_BV < top_p, axis=-1), 1)
-        cutoff_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
-        # top_p = 1 keeps everything, even a tail the float32 running sum has already rounded up to 1.
-        cutoff_B = jnp.where(top_p < 1, cutoff_B, -jnp.inf)
-        logits_BV = jnp.where(logits_BV >= jnp.maximum(kth_B, cutoff_B)[:, None], logits_BV, -jnp.inf)
+    v = logits_BV.shape[-1]
+    sorted_BV = jnp.flip(jnp.sort(logits_BV, axis=-1), axis=-1)
+    # top-k: keep logits >= the k-th largest (ties at the boundary are kept).
+    kth_B = jnp.take(sorted_BV, jnp.clip(top_k, 1, v) - 1, axis=-1)
+    kth_B = jnp.where(top_k > 0, kth_B, -jnp.inf)
+    sorted_BV = jnp.where(sorted_BV >= kth_B[:, None], sorted_BV, -jnp.inf)
+    # top-p: the smallest prefix of the sorted, top-k filtered distribution whose mass reaches top_p.
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    n_keep_B = jnp.maximum(jnp.sum(before_BV < top_p, axis=-1), 1)
+    cutoff_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
+    # top_p = 1 keeps everything, even a tail the float32 running sum has already rounded up to 1.
+    cutoff_B = jnp.where(top_p < 1, cutoff_B, -jnp.inf)
+    logits_BV = jnp.where(logits_BV >= jnp.maximum(kth_B, cutoff_B)[:, None], logits_BV, -jnp.inf)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
@@ -233,27 +224,26 @@ class _Settings(NamedTuple):
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
-    eos_E: jax.Array  # stop tokens; may be empty
+    eos_E: jax.Array  # stop tokens, padded with -1
     pad_id: jax.Array
 
 
 def _choose(
-    logits_BV: jax.Array, done_B: jax.Array, rng: jax.Array, s: _Settings, greedy: bool, filtered: bool
+    logits_BV: jax.Array, done_B: jax.Array, rng: jax.Array, s: _Settings, greedy: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Samples the next tokens; finished rows get `pad_id`. Returns (tokens_B, done_B, rng)."""
     rng, key = jax.random.split(rng)
-    tokens_B = _sample(logits_BV, key, s.temperature, s.top_k, s.top_p, greedy, filtered)
+    tokens_B = _sample(logits_BV, key, s.temperature, s.top_k, s.top_p, greedy)
     tokens_B = jnp.where(done_B, s.pad_id, tokens_B)
     return tokens_B, done_B | jnp.isin(tokens_B, s.eos_E), rng
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _prefill_and_sample(
     cfg: ModelConfig,
     max_len: int,
     padding: str,
     greedy: bool,
-    filtered: bool,
     rules: axes.Rules,
     params: Params,
     tokens_BT: jax.Array,
@@ -267,15 +257,14 @@ def _prefill_and_sample(
         cache = init_cache(cfg, tokens_BT.shape[0], max_len)
         logits_BV, cache = prefill(cfg, params, cache, tokens_BT, lengths_B, padding)
         done_B = jnp.zeros(tokens_BT.shape[:1], bool)
-        tokens_B, done_B, rng = _choose(logits_BV, done_B, rng, settings, greedy, filtered)
+        tokens_B, done_B, rng = _choose(logits_BV, done_B, rng, settings, greedy)
     return tokens_B, done_B, cache, rng
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnames="cache")
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames="cache")
 def _step_and_sample(
     cfg: ModelConfig,
     greedy: bool,
-    filtered: bool,
     rules: axes.Rules,
     params: Params,
     cache: KVCache,
@@ -286,7 +275,7 @@ def _step_and_sample(
 ) -> tuple[jax.Array, jax.Array, KVCache, jax.Array]:
     with nn.logical_axis_rules(rules):
         logits_BV, cache = decode_step(cfg, params, cache, tokens_B)
-        tokens_B, done_B, rng = _choose(logits_BV, done_B, rng, settings, greedy, filtered)
+        tokens_B, done_B, rng = _choose(logits_BV, done_B, rng, settings, greedy)
     return tokens_B, done_B, cache, rng
 
 
@@ -300,12 +289,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, padding: str = "l
         else:
             tokens[row, : len(prompt)] = prompt
     return tokens, lengths
-
-
-def _eos_ids(eos_id: int | Sequence[int] | None) -> list[int]:
-    if eos_id is None:
-        return []
-    return [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
 
 
 def _check(
@@ -369,41 +352,47 @@ def stream(
     pad_id: int = 0,
     padding: str = "left",
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields `(tokens_B, live_B)` once per generated position: the new token of each row, and
-    whether it is real output (False once the row has emitted an EOS; its token is then `pad_id`).
+    """Checks the request, dispatches the prefill, and returns an iterator of `(tokens_B, live_B)`,
+    one per generated position.
 
-    Stops after `max_new_tokens` positions or when every row has emitted an EOS
-    (any of `eos_id`). Sampling is greedy when `temperature` is 0; otherwise the
-    draws depend only on `rng` and the settings. Arguments are checked first.
+    `tokens_B` holds each row's new token; `live_B` says whether it is real
+    output (False once the row has emitted an EOS, after which its token is
+    `pad_id`). Iteration stops after `max_new_tokens` positions or once every
+    row has emitted an EOS (any of `eos_id`). Sampling is greedy when
+    `temperature` is 0; otherwise the draws depend only on `rng` and the settings.
     """
-    eos_ids = _eos_ids(eos_id)
+    eos_ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
     _check(cfg, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id, padding)
-    greedy, filtered = _mode(temperature, top_k, top_p)
-    rules = tuple(nn.get_logical_axis_rules())
-    settings = _Settings(
-        jnp.float32(temperature if temperature > 0 else 1.0),
-        jnp.int32(top_k),
-        jnp.float32(top_p),
-        jnp.asarray(eos_ids, jnp.int32).reshape(-1),
-        jnp.int32(pad_id),
-    )
+    # Padded to a fixed length with an id no token has, so up to 4 stop tokens share one compilation.
+    eos_E = np.full(max(4, len(eos_ids)), -1, np.int32)
+    eos_E[: len(eos_ids)] = eos_ids
+    temperature_ = jnp.float32(temperature if temperature > 0 else 1.0)
+    settings = _Settings(temperature_, jnp.int32(top_k), jnp.float32(top_p), eos_E, np.int32(pad_id))
     tokens_BT, lengths_B = pad_prompts(prompts, pad_id, padding)
     # The last sampled token is never fed back, so it needs no slot.
     max_len = tokens_BT.shape[1] + max_new_tokens - 1
-    tokens_B, done_B, cache, rng = _prefill_and_sample(
-        cfg, max_len, padding, greedy, filtered, rules, params, tokens_BT, lengths_B, rng, settings
-    )
-    live_B = np.ones(len(prompts), bool)
+    rules = tuple(nn.get_logical_axis_rules())
+    first = functools.partial(_prefill_and_sample, cfg, max_len, padding, temperature == 0, rules, params)
+    step = functools.partial(_step_and_sample, cfg, temperature == 0, rules, params)
+    return _decode_loop(first(tokens_BT, lengths_B, rng, settings), step, settings, max_new_tokens)
+
+
+def _decode_loop(
+    state: tuple, step: Callable[..., tuple], settings: _Settings, max_new_tokens: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The body of `stream`: from the prefill's `state`, steps dispatched one ahead of the tokens being read."""
+    tokens_B, done_B, cache, rng = state
+    live_B = np.ones(tokens_B.shape[0], bool)
     for i in range(max_new_tokens):
-        if i + 1 < max_new_tokens:  # dispatch the next step before waiting for this one's tokens
-            ahead = _step_and_sample(cfg, greedy, filtered, rules, params, cache, tokens_B, done_B, rng, settings)
+        more = i + 1 < max_new_tokens
+        if more:  # dispatch the next step before waiting for this one's tokens
+            ahead = step(cache, tokens_B, done_B, rng, settings)
         tokens, done = np.asarray(tokens_B), np.asarray(done_B)
         yield tokens, live_B
-        if done.all():
+        if done.all() or not more:
             return
         live_B = ~done
-        if i + 1 < max_new_tokens:
-            tokens_B, done_B, cache, rng = ahead
+        tokens_B, done_B, cache, rng = ahead
 
 
 def generate(
