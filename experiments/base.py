@@ -41,6 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.variant = "tiny"
     for name, typ in MODEL_OVERRIDES.items():
         c.model[name] = config_dict.placeholder(typ)
+    # Llama 3.1 rope scaling; a set factor replaces the variant's scaling.
+    c.model.rope_scaling = ml_collections.ConfigDict()
+    c.model.rope_scaling.factor = config_dict.placeholder(float)
+    c.model.rope_scaling.low_freq_factor = 1.0
+    c.model.rope_scaling.high_freq_factor = 4.0
+    c.model.rope_scaling.original_max_seq_len = 8192
 
     # Mesh axis sizes; one of them may be -1 (fill with the remaining devices).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules="fsdp"))

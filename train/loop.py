@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from experiments.base import MODEL_OVERRIDES
-from model import ModelConfig, axes, flops_per_token, get_variant
+from model import ModelConfig, RopeScaling, axes, flops_per_token, get_variant
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 def model_config(config: ml_collections.ConfigDict, data_vocab: int | None = None) -> ModelConfig:
     """The ModelConfig of an experiment: the variant, its overrides, and the tokenizer's vocabulary."""
     overrides = {k: config.model[k] for k in MODEL_OVERRIDES if config.model[k] is not None}
+    if config.model.rope_scaling.factor is not None:
+        overrides["rope_scaling"] = RopeScaling(**config.model.rope_scaling.to_dict())
     if data_vocab is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = data_vocab
     cfg = get_variant(config.model.variant, **overrides)
@@ -66,17 +68,28 @@ def to_global(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[s
 class Trainer:
     """Everything built from a config: mesh, data, compiled steps, checkpoints."""
 
-    def __init__(self, config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        devices: list[jax.Device] | None = None,
+        *,
+        model_cfg: ModelConfig | None = None,
+    ):
+        """With `model_cfg` given (a recorded run), no data is opened: `train_data`/`eval_data` are None."""
         self.config = config
         optimizer_lib.validate(config)
         rules = axes.get_rules(config.mesh.rules)
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         self.rules = rules
-        base_cfg = model_config(config)
-        self.train_data: Dataset = build_dataset(config, "train", base_cfg.vocab_size)
-        self.model_cfg = model_config(config, self.train_data.vocab_size)
+        self.train_data: Dataset | None = None
+        self.eval_data: Dataset | None = None
+        if model_cfg is None:
+            self.train_data = build_dataset(config, config.data.train_split, model_config(config).vocab_size)
+            model_cfg = model_config(config, self.train_data.vocab_size)
+        self.model_cfg = model_cfg
         validate(config, self.model_cfg, mesh_lib.data_parallel_size(self.mesh, rules))
-        self.eval_data: Dataset = build_dataset(config, config.data.eval_split, self.model_cfg.vocab_size)
+        if self.train_data is not None:
+            self.eval_data = build_dataset(config, config.data.eval_split, self.model_cfg.vocab_size)
         self.tx, self.schedule = optimizer_lib.build_optimizer(config)
         self.shardings = state_shardings(self.model_cfg, self.tx, self.mesh, rules)
         keys = BATCH_KEYS + ("target_bytes",)
@@ -121,6 +134,20 @@ class Trainer:
         return finish_eval(sums) if sums else {}
 
 
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def save_tokenizer(dataset: Dataset, workdir: str | os.PathLike) -> None:
+    """Keeps the run's tokenizer model beside its checkpoints, so sampling and export need no data."""
+    tokenizer = getattr(dataset, "tokenizer", None)
+    blob = tokenizer.model_file() if tokenizer is not None else None
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if blob is not None and jax.process_index() == 0 and not os.path.exists(path):
+        with open(path + ".tmp", "wb") as f:
+            f.write(blob)
+        os.replace(path + ".tmp", path)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -145,7 +172,8 @@ def train_and_evaluate(
         return {"losses": {}, "eval": {}, "final_step": latest}
     if latest is not None:
         start, state, data_state = ckpt.restore(trainer.abstract_state())
-        data_it.set_state(data_state["train"])
+        if data_state.get("train") is not None:  # None: imported weights, no data read yet
+            data_it.set_state(data_state["train"])
         log.info("resumed from step %d", start)
     else:
         start, state = 0, trainer.initial_state()
@@ -164,6 +192,7 @@ def train_and_evaluate(
         data_fingerprint=trainer.train_data.fingerprint(),
         extra={"model": trainer.model_cfg.to_dict(), "start_step": start},
     )
+    save_tokenizer(trainer.train_data, workdir)
     losses: dict[int, float] = {}
     final_eval: dict[str, float] = {}
     with metrics_lib.MetricWriter(workdir, total_steps=total, start_step=start, progress=config.log.progress) as writer:

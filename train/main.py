@@ -18,6 +18,21 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/base.py:smoke.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run.json.")
+# sample
+flags.DEFINE_string("hf", None, "sample: a Hugging Face Llama folder to load instead of --workdir.")
+flags.DEFINE_string("prompt", None, "sample: the text to continue.")
+flags.DEFINE_integer("max_tokens", 200, "sample: most new tokens.")
+flags.DEFINE_float("temperature", 0.8, "sample: 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0 keeps all).")
+flags.DEFINE_float("top_p", 1.0, "sample: nucleus probability mass (1 keeps all).")
+flags.DEFINE_integer("seed", 0, "sample: random seed.")
+# eval
+flags.DEFINE_string("data", None, "eval: SPLIT or DATASET:SPLIT (default: the run's eval split).")
+flags.DEFINE_integer("batches", 0, "eval: number of batches (0 = the whole split once).")
+# convert
+flags.DEFINE_string("to-hf", None, "convert: write the run's latest checkpoint as a Hugging Face folder here.")
+flags.DEFINE_string("from-hf", None, "convert: import this Hugging Face folder into --workdir.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "convert --to-hf: stored dtype.")
 
 
 def _require(*names: str) -> None:
@@ -33,7 +48,53 @@ def cmd_train() -> None:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-COMMANDS: dict[str, Callable[[], None]] = {"train": cmd_train}
+def cmd_sample() -> None:
+    from train import inference
+
+    if (FLAGS.workdir is None) == (FLAGS.hf is None):
+        raise ValueError("give exactly one of --workdir (a herd run) or --hf (a Hugging Face folder)")
+    _require("prompt")
+    loaded = inference.load_workdir(FLAGS.workdir) if FLAGS.workdir else inference.load_hf_dir(FLAGS.hf)
+    pieces = inference.sample_text(loaded, FLAGS.prompt, max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
+                                   top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+    print(FLAGS.prompt, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_eval() -> None:
+    import json
+
+    from train import inference
+
+    _require("workdir")
+    loaded = inference.load_workdir(FLAGS.workdir)
+    dataset, _, split = (FLAGS.data or "").rpartition(":")
+    split = split or loaded.config.data.eval_split
+    result = inference.evaluate_split(loaded, split, batches=FLAGS.batches, dataset=dataset or None)
+    print(json.dumps({"workdir": FLAGS.workdir, "step": loaded.step, "split": split, **result}))
+
+
+def cmd_convert() -> None:
+    import json
+
+    from train import convert
+
+    to_hf, from_hf = FLAGS["to-hf"].value, FLAGS["from-hf"].value
+    _require("workdir")
+    if (to_hf is None) == (from_hf is None):
+        raise ValueError("give exactly one of --to-hf=OUT (export --workdir) or --from-hf=PATH (import into --workdir)")
+    report = convert.to_hf(FLAGS.workdir, to_hf, dtype=FLAGS.dtype) if to_hf else convert.from_hf(from_hf, FLAGS.workdir)
+    print(json.dumps({"verified_against": "transformers", **report}))
+
+
+COMMANDS: dict[str, Callable[[], None]] = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "convert": cmd_convert,
+}
 
 
 def load_experiment(spec: str):
@@ -96,7 +157,7 @@ def _run(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         COMMANDS[argv[1]]()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("HERD_DEBUG"):
             raise
         # Errors about configs, data and checkpoints are for people: one line, no traceback.

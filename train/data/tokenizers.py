@@ -54,6 +54,10 @@ class Tokenizer(abc.ABC):
         """int32 UTF-8 byte count of source text per token (specials 0); call it on whole documents."""
 
     @abc.abstractmethod
+    def model_file(self) -> bytes | None:
+        """The bytes of a `tokenizer.model` that recreates this tokenizer, where one exists."""
+        return None
+
     def fingerprint(self) -> str:
         """A short stable hash of the vocabulary (recorded in run.json)."""
 
@@ -171,6 +175,7 @@ class SentencePieceTokenizer(Tokenizer):
         if self._bar_ids is None:
             log.warning("%s has no byte fallback: characters outside its vocabulary become <unk>", source)
         self._fingerprint = "spm-" + _digest(model_proto)
+        self._model_proto = model_proto
 
     def encode(self, text: str) -> list[int]:
         if self._bar_ids is None or _SPACE not in text:
@@ -198,6 +203,9 @@ class SentencePieceTokenizer(Tokenizer):
     def token_bytes(self, ids: Sequence[int]) -> np.ndarray:
         arr = self._as_ids(ids)
         return self._lengths[arr] - self._dummy_spaces(arr).astype(np.int32)
+
+    def model_file(self) -> bytes:
+        return self._model_proto
 
     def fingerprint(self) -> str:
         return self._fingerprint
@@ -363,6 +371,7 @@ class TiktokenTokenizer(Tokenizer):
         specials = llama3_special_tokens()
         special_ids = {tok: self.n_ranks + i for i, tok in enumerate(specials)}
         self._fingerprint = "tiktoken-" + _digest(data, "\n".join(specials).encode())
+        self._data = data
         self._enc = tiktoken.Encoding(
             name=self._fingerprint, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special_ids
         )
@@ -386,6 +395,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def token_bytes(self, ids: Sequence[int]) -> np.ndarray:
         return self._lengths[self._as_ids(ids)]
+
+    def model_file(self) -> bytes:
+        return self._data
 
     def fingerprint(self) -> str:
         return self._fingerprint
