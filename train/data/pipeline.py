@@ -20,6 +20,11 @@ boundary and on padding, which only a finite pass's last row has). `target_bytes
 comes from `Tokenizer.token_bytes` on the whole document, so summed over all of a
 process's targets plus its rows' first tokens it is exactly the text's UTF-8 bytes.
 
+Processes: process p of P reads documents p, p + P, ... of the epoch order and
+emits global_batch / P rows per batch; the global batch k is the processes' batch k
+side by side, so it depends on P (and a saved position is only valid for the same
+P and p). Over an epoch the processes together read every document exactly once.
+
 Determinism and state: batch k of a process is a function of (seed, k, process
 index, process count) alone. The iterator's state is the position of the next
 row in the process's document stream, `{"document": d, "offset": t}` (token t of
@@ -30,15 +35,17 @@ the interrupted run would have seen.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import ml_collections
-from absl import flags
 import numpy as np
+from absl import flags
 
 from train.data import builders
 from train.data.base import Batch, BatchIterator, Dataset, local_rows
@@ -63,7 +70,9 @@ def record_text(record: dict[str, Any], text_key: str) -> str:
     try:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"a document's data.text_key={text_key!r} is not valid UTF-8 ({e.reason} at byte {e.start})")
+        raise ValueError(
+            f"a document's data.text_key={text_key!r} is not valid UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
 
 
 class Tokenize:
@@ -80,18 +89,22 @@ class Tokenize:
 class _PackIterator(grain.DatasetIterator):
     """Concatenates [n, 2] documents and cuts the stream into rows of `length` (see module doc)."""
 
-    def __init__(self, parent: grain.DatasetIterator, length: int, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, length: int, pad_id: int, document: int, offset: int):
         super().__init__(parent)
         self._length, self._pad_id = length, pad_id
-        self._fetched = 0  # documents taken from the parent
+        self._fetched = document  # documents of the stream taken so far (the parent starts at `document`)
+        self._skip = offset  # tokens of the parent's first document emitted before a resume
         self._doc: np.ndarray | None = None  # the document being cut, if any
         self._offset = 0  # its tokens already emitted
         self._arange = np.arange(length, dtype=np.int32)
 
-    def _next_document(self) -> np.ndarray:
-        doc = next(self._parent)
-        self._fetched += 1
-        return doc
+    def _next_document(self) -> tuple[np.ndarray, int]:
+        doc, skip = next(self._parent), self._skip
+        if skip >= len(doc):
+            raise ValueError(f"data iterator state offset {skip} is past the end of document {self._fetched} "
+                             f"({len(doc)} tokens): it was saved with another dataset, tokenizer or seed")
+        self._fetched, self._skip = self._fetched + 1, 0
+        return doc, skip
 
     def __next__(self) -> dict[str, np.ndarray]:
         n = self._length
@@ -101,7 +114,7 @@ class _PackIterator(grain.DatasetIterator):
         while filled < n:
             if self._doc is None:
                 try:
-                    self._doc, self._offset = self._next_document(), 0
+                    self._doc, self._offset = self._next_document()
                 except StopIteration:
                     if not filled:
                         raise
@@ -119,32 +132,27 @@ class _PackIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, int]:
         if self._doc is None:
-            return {"document": self._fetched, "offset": 0}
+            return {"document": self._fetched, "offset": self._skip}
         return {"document": self._fetched - 1, "offset": self._offset}
 
     def set_state(self, state: dict[str, int]) -> None:
-        document, offset = int(state["document"]), int(state["offset"])
-        grain.experimental.set_next_index(self._parent, document)
-        self._fetched, self._doc, self._offset = document, None, 0
-        if offset:
-            doc = self._next_document()
-            if offset >= len(doc):
-                raise ValueError(
-                    f"data iterator state offset {offset} is past the end of document {document} ({len(doc)} tokens): "
-                    "the state was saved with another dataset, tokenizer or seed"
-                )
-            self._doc, self._offset = doc, offset
+        # grain cannot seek an interleaved multi-worker parent, so a position is restored by
+        # building the pipeline from that document instead (PackIterDataset(document=, offset=)).
+        raise NotImplementedError("restore a packed stream with TfdsIterator.set_state, which rebuilds it there")
 
 
 class PackIterDataset(grain.IterDataset):
-    """Concatenate-and-split packing of token documents into rows of `length`, with segment ids and positions."""
+    """Concatenate-and-split packing of token documents into rows of `length`, with segment ids and positions.
 
-    def __init__(self, parent: grain.IterDataset, length: int, pad_id: int):
+    The parent yields the stream from document `document` on; the first `offset` tokens of that one are skipped.
+    """
+
+    def __init__(self, parent: grain.IterDataset, length: int, pad_id: int, document: int = 0, offset: int = 0):
         super().__init__(parent)
-        self._length, self._pad_id = length, pad_id
+        self._length, self._pad_id, self._start = length, pad_id, (document, offset)
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._length, self._pad_id)
+        return _PackIterator(self._parent.__iter__(), self._length, self._pad_id, *self._start)
 
 
 def lm_batch(rows: dict[str, np.ndarray]) -> Batch:
@@ -164,9 +172,14 @@ def lm_batch(rows: dict[str, np.ndarray]) -> Batch:
 class TfdsIterator(BatchIterator):
     """This process's batches of a TfdsDataset; state = stream position + the layout it belongs to."""
 
-    def __init__(self, dataset: grain.IterDataset, layout: dict[str, Any]):
-        self._dataset, self._layout = dataset, layout
-        self._it = iter(dataset)
+    def __init__(self, build: Callable[[int, int], grain.IterDataset], layout: dict[str, Any]):
+        self._build, self._layout = build, layout
+        self._start(0, 0)
+
+    def _start(self, document: int, offset: int) -> None:
+        self._it = iter(self._build(document, offset))
+        # Worker processes must stop before the interpreter tears down what grain needs to stop them.
+        weakref.finalize(self, self._it.close)
 
     def __next__(self) -> Batch:
         return next(self._it)
@@ -175,14 +188,20 @@ class TfdsIterator(BatchIterator):
         return {"version": _STATE_VERSION, **self._layout, "position": self._it.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("version") != _STATE_VERSION or "position" not in state:
+        position = state.get("position")
+        if state.get("version") != _STATE_VERSION or not isinstance(position, dict):
             raise ValueError(f"data iterator state {state!r} was not written by the tfds pipeline "
                              f"(version {_STATE_VERSION}); start a new --workdir")
         for key, value in self._layout.items():
             if state.get(key) != value:
                 raise ValueError(f"data iterator state has {key}={state.get(key)!r} but this run has {value!r}: "
                                  f"a position is only valid for {_LAYOUT_HINTS[key]}")
-        self._it.set_state(state["position"])
+        self.close()
+        self._start(int(position["document"]), int(position["offset"]))
+
+    def close(self) -> None:
+        """Stops grain's worker processes, if any."""
+        self._it.close()
 
 
 def _spec_hash(spec: dict[str, Any]) -> str:
@@ -212,30 +231,36 @@ def corpus_tokenizer(config: ml_collections.ConfigDict, corpus: str) -> Tokenize
 
 
 class TfdsDataset(Dataset):
-    """A split of a TFDS text dataset, tokenized and packed by grain (see the module docstring)."""
+    """A split of a TFDS text dataset, tokenized and packed by grain (see the module docstring).
 
-    def __init__(self, config: ml_collections.ConfigDict, split: str):
+    `train=True`: shuffled, repeated, tokenized by data.worker_count processes. Otherwise
+    (evaluation) read in order in this process, since the loop rebuilds that iterator
+    for every evaluation and worker processes take seconds to start.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, split: str, train: bool):
         d = config.data
         if d.seq_len <= 0:
             raise ValueError(f"data.seq_len={d.seq_len} must be positive")
         if d.worker_count < 0:
             raise ValueError(f"data.worker_count={d.worker_count} must be >= 0 (0 tokenizes in the main process)")
         builder = builders.prepare(config)
-        self.source = builders.data_source(config, split)
-        if len(self.source) == 0:
+        try:
+            empty = builder.info.splits[split].num_examples == 0
+        except (KeyError, ValueError):
+            empty = False  # an unknown split: data_source names the valid ones
+        if empty:  # checked first: array_record cannot even open a split without files
             raise ValueError(f"split {split!r} of data.dataset={d.dataset!r} ({builder.data_dir}) holds no documents")
+        self.source = builders.data_source(config, split)
         self.name, self.split, self.text_key = builder.info.full_name, split, d.text_key
         self.tokenizer = corpus_tokenizer(config, self.name)
         self.vocab_size = self.tokenizer.vocab_size
         self.seq_len, self.seed = d.seq_len, config.seed % 2**32  # grain shuffle seeds are uint32
-        # The eval split is read in order; its iterator is rebuilt at every evaluation, so worker
-        # processes (seconds to start) are only worth it for the train split.
-        is_train = split == d.train_split
-        self.shuffle, self.workers = bool(d.shuffle and is_train), d.worker_count if is_train else 0
+        self.shuffle, self.workers = bool(d.shuffle and train), d.worker_count if train else 0
 
     def pipeline(self, global_batch: int, process_index: int = 0, process_count: int = 1,
-                 epochs: int | None = None) -> grain.IterDataset:
-        """The grain dataset of this process's batches; `epochs=None` repeats forever."""
+                 epochs: int | None = None, document: int = 0, offset: int = 0) -> grain.IterDataset:
+        """This process's batches from token `offset` of its `document`-th document; `epochs=None` repeats forever."""
         rows = local_rows(global_batch, process_index, process_count)
         if len(self.source) < process_count:
             raise ValueError(f"split {self.split!r} of {self.name} has {len(self.source)} documents, fewer than the "
@@ -245,13 +270,13 @@ class TfdsDataset(Dataset):
             ds = ds.shuffle(seed=self.seed)
         # After shuffle: each epoch gets its own permutation. Before slicing: over an epoch the
         # processes together read every document once.
-        ds = ds.repeat(epochs)[process_index::process_count].map(Tokenize(self.tokenizer, self.text_key))
+        ds = ds.repeat(epochs)[process_index::process_count][document:].map(Tokenize(self.tokenizer, self.text_key))
         docs = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if self.workers:
             if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use the defaults
                 flags.FLAGS.mark_as_parsed()
             docs = docs.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
-        packed = PackIterDataset(docs, self.seq_len + 1, self.tokenizer.pad_id)
+        packed = PackIterDataset(docs, self.seq_len + 1, self.tokenizer.pad_id, document, offset)
         return packed.batch(len(rows), drop_remainder=False).map(lm_batch)
 
     def iterator(self, global_batch: int, process_index: int = 0, process_count: int = 1,
@@ -263,7 +288,8 @@ class TfdsDataset(Dataset):
         the last row padded and the last batch possibly short.
         """
         layout = dict(stream=self.stream(), process_count=process_count, process_index=process_index)
-        return TfdsIterator(self.pipeline(global_batch, process_index, process_count, epochs), layout)
+        build = functools.partial(self.pipeline, global_batch, process_index, process_count, epochs)
+        return TfdsIterator(build, layout)
 
     def stream(self) -> str:
         """A hash of what fixes the document token stream (what an iterator position refers to)."""
@@ -278,9 +304,13 @@ class TfdsDataset(Dataset):
 
 
 def build_tfds(config: ml_collections.ConfigDict, split: str, vocab_size: int) -> Dataset:
-    """SOURCES entry: the model's vocabulary is replaced by the tokenizer's (`Dataset.vocab_size`)."""
+    """SOURCES entry. Split "train" or data.train_split (TFDS split syntax, e.g. "train[:90%]")
+    is the training data, read as data.train_split; any other split (data.eval_split) is
+    evaluation data. The model's vocabulary is replaced by the tokenizer's (`Dataset.vocab_size`).
+    """
     del vocab_size
-    return TfdsDataset(config, split)
+    train = split in ("train", config.data.train_split)
+    return TfdsDataset(config, config.data.train_split if train else split, train)
 
 
 __all__ = ["PackIterDataset", "TfdsDataset", "TfdsIterator", "Tokenize", "build_tfds", "lm_batch"]

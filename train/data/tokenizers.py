@@ -53,11 +53,11 @@ class Tokenizer(abc.ABC):
     def token_bytes(self, ids: Sequence[int]) -> np.ndarray:
         """int32 UTF-8 byte count of source text per token (specials 0); call it on whole documents."""
 
-    @abc.abstractmethod
     def model_file(self) -> bytes | None:
         """The bytes of a `tokenizer.model` that recreates this tokenizer, where one exists."""
         return None
 
+    @abc.abstractmethod
     def fingerprint(self) -> str:
         """A short stable hash of the vocabulary (recorded in run.json)."""
 
