@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+
+
+def gather_process_states(state: dict[str, Any]) -> dict[str, Any]:
+    """Every process's JSON-able data-iterator state, keyed by process index.
+
+    Orbax writes JSON items from the primary process only, so the states are
+    all-gathered first; each process then finds its own on restore.
+    """
+    if jax.process_count() == 1:
+        return {"0": state}
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: blob.size] = blob
+    blobs = np.asarray(multihost_utils.process_allgather(padded))
+    return {str(i): json.loads(bytes(blobs[i, : lengths[i]])) for i in range(jax.process_count())}
+
+
+def own_process_state(states: dict[str, Any]) -> Any:
+    """This process's entry of `gather_process_states`, or a clear error if the layout changed."""
+    key = str(jax.process_index())
+    if key not in states:
+        raise CheckpointError(
+            f"the checkpoint holds data states of processes {sorted(states)}, none for process {key}; "
+            "resume with the process count it was written with"
+        )
+    return states[key]
 
 
 class CheckpointError(ValueError):

@@ -16,7 +16,7 @@ from model import ModelConfig, RopeScaling, axes, flops_per_token, get_variant
 from train import mesh as mesh_lib
 from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, gather_process_states, own_process_state
 from train.data import Dataset, build_dataset
 from train.state import abstract_with_shardings, create_train_state, state_shardings
 from train.step import BATCH_KEYS, batch_shardings, eval_step, finish_eval, jit_over_mesh, train_step
@@ -173,7 +173,7 @@ def train_and_evaluate(
     if latest is not None:
         start, state, data_state = ckpt.restore(trainer.abstract_state())
         if data_state.get("train") is not None:  # None: imported weights, no data read yet
-            data_it.set_state(data_state["train"])
+            data_it.set_state(own_process_state(data_state["train"]))
         log.info("resumed from step %d", start)
     else:
         start, state = 0, trainer.initial_state()
@@ -225,7 +225,7 @@ def train_and_evaluate(
                 throughput.reset(done)
             if ckpt.should_save(done, total) or done == end:
                 flush()
-                ckpt.save(done, state, {"train": data_it.get_state()})
+                ckpt.save(done, state, {"train": gather_process_states(data_it.get_state())})
                 throughput.reset(done)
         flush()
     ckpt.close()
