@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/shakespeare
 EXPERIMENT ?= experiments/shakespeare.py
+PROMPT ?= ROMEO:
 
 .PHONY: install test test-fast train clean
 
@@ -26,8 +27,12 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not multiprocess"
 
+# Train (or resume) the default experiment, evaluate on the whole held-out
+# split, then sample from the trained model.
 train: install
 	$(BIN)/herd train --config=$(EXPERIMENT) --workdir=$(WORKDIR)
+	$(BIN)/herd eval --workdir=$(WORKDIR)
+	$(BIN)/herd sample --workdir=$(WORKDIR) --prompt="$(PROMPT)" --max_tokens=200 --temperature=0.8
 
 clean:
 	rm -rf $(VENV)
