@@ -240,3 +240,23 @@ def test_errors(tmp_path: pathlib.Path, tiktoken_path: str, llama2_style_path: s
     partial = tmp_path / "partial.model"
     partial.write_bytes(b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(200)))
     assert "256 single bytes" in _error(_tok_cfg(name="tiktoken", path=str(partial)))
+
+
+def test_meta_style_tokenizer_files_are_recognised(
+    trained: tk.Tokenizer, llama2_style_path: str, tiktoken_path: str, tmp_path: pathlib.Path
+) -> None:
+    from train.inference import tokenizer_from_file
+
+    saved = tmp_path / "tokenizer.model"
+    saved.write_bytes(trained.model_file())
+    text = "Wherefore art thou, Romeo? ½ — ✓"
+    for path, name in ((saved, "sentencepiece"), (llama2_style_path, "sentencepiece"), (tiktoken_path, "tiktoken")):
+        loaded = tokenizer_from_file(path)
+        assert loaded.name == name
+        assert loaded.decode(loaded.encode(text)) == text
+        assert loaded.model_file() == pathlib.Path(path).read_bytes()
+    assert tokenizer_from_file(saved).encode(text) == trained.encode(text)
+    (tmp_path / "junk.model").write_bytes(b"not a tokenizer")
+    with pytest.raises(ValueError, match="neither a SentencePiece model nor a tiktoken"):
+        tokenizer_from_file(tmp_path / "junk.model")
+    assert tk.ByteTokenizer().model_file() is None
