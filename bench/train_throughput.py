@@ -1,0 +1,466 @@
+"""Training throughput on CPU: herd's jitted train step against transformers + torch, in the same run.
+
+Both sides train the *same* model (our initial parameters, exported with
+`model.hf.save` and loaded by `transformers.LlamaForCausalLM`) on the same
+batch, with the same AdamW hyperparameters, weight-decay groups and
+global-norm clipping:
+
+  herd       `Trainer(config, devices=jax.devices()[:1]).train_step` (jitted, state donated)
+  reference  model.train(); loss = model(input_ids, labels=..., shift_labels=targets).loss;
+             loss.backward(); clip_grad_norm_(1.0); AdamW.step(); zero_grad(set_to_none=True)
+
+Each precision warms both up (our compile and the first steps are excluded),
+then times `--rounds` rounds of `--steps` steps of each, alternating which goes
+first, and reports the median round. bfloat16 is our `model.dtype=bfloat16`
+(float32 parameters and optimizer state; float32 norms, softmax and logits)
+against `torch.autocast("cpu", dtype=torch.bfloat16)` around the reference's
+forward. torch gets as many intra-op threads as CPUs this process may use; XLA
+uses all of them by default (the reported CPU seconds per wall second show it).
+MFU = flops_per_token(cfg, seq_len) * tokens/s / peak, where the peak is a
+float32 1024^3 matmul measured in this run (train.metrics.measure_matmul_flops,
+best of two); bfloat16 MFU uses the same float32 peak.
+
+    PYTHONPATH=. python bench/train_throughput.py                 # the default experiment's shape
+    PYTHONPATH=. python bench/train_throughput.py --config=experiments/shakespeare.py
+    PYTHONPATH=. python bench/train_throughput.py --config.model.scan_layers=False --dtypes=float32
+
+`--experimental=...` monkeypatches ours (or the process) to measure a proposed
+change before it lands elsewhere; results say which were on. See bench/README.md.
+The last stdout line is one JSON object with every figure; `--out FILE` appends it to FILE.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+if __package__ in (None, ""):  # `python bench/train_throughput.py` without PYTHONPATH
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import base as base_experiment  # noqa: E402
+from model import flops_per_token  # noqa: E402
+from model import hf as hf_lib  # noqa: E402
+from train import metrics as metrics_lib  # noqa: E402
+from train.loop import Trainer, to_global  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config",
+    str(Path(__file__).resolve().parents[1] / "experiments" / "base.py"),
+    "Experiment whose model shape, seq_len and batch size to measure, e.g. experiments/shakespeare.py. Without "
+    "it the shape flags below apply; --config.model.<field>=... (scan_layers, remat_policy, ...) works either way.",
+    lock_config=True,
+)
+# The default experiment's shape (experiments/shakespeare.py: a small Llama 3 architecture model).
+SHAPE_FLAGS = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704, vocab=2048, seq_len=256, batch=8)
+for _name, _default in SHAPE_FLAGS.items():
+    flags.DEFINE_integer(_name, _default, "Model / batch shape when --config is not given.")
+flags.DEFINE_bool("tie_embeddings", False, "Tie the output head to the embedding (without --config).")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to measure (float32, bfloat16).")
+flags.DEFINE_integer("steps", 10, "Timed steps per round, per side.")
+flags.DEFINE_integer("rounds", 3, "Alternating timed rounds per side; the median round counts.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps per side after the first (our compile) step.")
+flags.DEFINE_integer("threads", None, "torch intra-op threads; default: the CPUs this process may run on.")
+flags.DEFINE_enum("reference_attn", "auto", ["auto", "sdpa", "eager"],
+                  "transformers attention; auto times both for --probe_steps per dtype and keeps the faster.")
+flags.DEFINE_integer("probe_steps", 2, "Steps per attention implementation with --reference_attn=auto.")
+# One malloc arena that never mmaps or trims: XLA:CPU's per-step buffers (hundreds of MB) are reused
+# instead of being mmapped, page-faulted and zeroed by the kernel again every step.
+MALLOC_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+EXPERIMENTS = {
+    "malloc_reuse": f"both sides: restart with GLIBC_TUNABLES={MALLOC_REUSE} (glibc keeps and reuses freed memory)",
+    "bf16_dots": "ours: bf16 x bf16 einsums emit float32 (forward and backward), so XLA:CPU keeps them in bf16",
+    "fused_mlp": "ours: gate and up projections as one [D, 2F] matmul",
+}
+flags.DEFINE_list("experimental", [], "Proposed changes to measure: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                                  EXPERIMENTS.items()))
+flags.DEFINE_string("out", None, "Also append the JSON result line to this file.")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def bench_config(config: ml_collections.ConfigDict, from_experiment: bool) -> ml_collections.ConfigDict:
+    """The experiment config adjusted for a one-device, synthetic-data measurement."""
+    c = config.copy_and_resolve_references()
+    if not from_experiment:
+        base = base_experiment.get_config()
+        # The shape comes from the shape flags; refuse --config.<shape key> overrides that would be lost.
+        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "tie_embeddings"):
+            if c.model[key] != base.model[key]:
+                raise app.UsageError(f"--config.model.{key} needs --config=experiments/<name>.py; use the shape flags")
+        if c.data.seq_len != base.data.seq_len or c.train.batch_size != base.train.batch_size:
+            raise app.UsageError("use --seq_len / --batch (not --config.data.seq_len / --config.train.batch_size)")
+        c.model.d_model, c.model.n_layers = FLAGS.d_model, FLAGS.n_layers
+        c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = FLAGS.n_heads, FLAGS.n_kv_heads, FLAGS.d_ff
+        c.model.vocab_size, c.model.tie_embeddings = FLAGS.vocab, FLAGS.tie_embeddings
+        c.data.seq_len, c.train.batch_size = FLAGS.seq_len, FLAGS.batch
+    else:
+        given = [n for n in (*SHAPE_FLAGS, "tie_embeddings") if FLAGS[n].present]
+        if given:
+            raise app.UsageError(
+                f"--{given[0]} cannot be combined with --config; override the experiment instead, "
+                "e.g. --config.model.d_model=... --config.data.seq_len=... --config.train.batch_size=..."
+            )
+        if c.model.vocab_size is None:
+            c.model.vocab_size = data_vocab(c)
+    if c.model.max_seq_len is None:
+        c.model.max_seq_len = max(c.data.seq_len, 512)
+    # Random tokens in one document: nothing is read from disk, and the reference
+    # (which has no packed-document masking) computes exactly the same function.
+    c.data.source = "synthetic_random"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+    c.train.microbatches = 1  # one pass over the batch, as the reference does
+    c.model.param_dtype = "float32"  # float32 master weights on both sides
+    return c
+
+
+def data_vocab(c: ml_collections.ConfigDict) -> int | None:
+    """The vocabulary the experiment's tokenizer gives the model, without reading data (None: the variant's)."""
+    tok = c.data.tokenizer
+    if c.data.source.startswith("synthetic"):
+        return None
+    if tok.name == "byte":
+        from train.data.tokenizers import ByteTokenizer
+
+        return ByteTokenizer.vocab_size
+    if tok.name == "sentencepiece" and tok.path is None:
+        return int(tok.vocab_size)
+    print(f"note: the vocabulary of tokenizer {tok.name!r} is unknown without loading it; using the variant's "
+          "(set --config.model.vocab_size to pin it)")
+    return None
+
+
+# ----------------------------------------------------------------------------- experimental patches
+
+
+def _einsum_bf16_f32(subscripts: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+    """bf16 einsum of two operands whose products XLA:CPU runs in bf16: every dot, forward and backward,
+    is bf16 x bf16 -> float32 (XLA:CPU rewrites bf16 x bf16 -> bf16 dots to float32 ones, twice as slow)."""
+    ins, out = subscripts.replace(" ", "").split("->")
+    lhs, rhs = ins.split(",")
+
+    @jax.custom_vjp
+    def f(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+
+    def bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        a, b = res
+        g = g.astype(a.dtype)
+        ga = jnp.einsum(f"{out},{rhs}->{lhs}", g, b, preferred_element_type=jnp.float32)
+        gb = jnp.einsum(f"{lhs},{out}->{rhs}", a, g, preferred_element_type=jnp.float32)
+        return ga.astype(a.dtype), gb.astype(b.dtype)
+
+    f.defvjp(lambda a, b: (f(a, b), (a, b)), bwd)
+    return f(a, b)
+
+
+class _Jnp(types.ModuleType):
+    """jax.numpy with a different einsum (installed as `jnp` in model.layers / model.llama)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(jnp, name)
+
+    @staticmethod
+    def einsum(subscripts: str, *operands: Any, preferred_element_type: Any = None, **kw: Any) -> jax.Array:
+        if (not kw and len(operands) == 2 and "..." not in subscripts
+                and all(jnp.result_type(x) == jnp.bfloat16 for x in operands)):
+            return _einsum_bf16_f32(subscripts, *operands, preferred_element_type or jnp.bfloat16)
+        return jnp.einsum(subscripts, *operands, preferred_element_type=preferred_element_type, **kw)
+
+
+def install_experiments(names: list[str]) -> None:
+    """Monkeypatches ours for the proposed changes in `names` (see EXPERIMENTS)."""
+    import model.layers as layers
+    import model.llama as llama
+
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown:
+        raise app.UsageError(f"unknown --experimental {unknown}; valid: {', '.join(EXPERIMENTS)}")
+    if "bf16_dots" in names:
+        layers.jnp = llama.jnp = _Jnp("jnp_bf16_dots")
+    if "fused_mlp" in names:
+
+        class FusedMLP(layers.MLP):
+            @nn.compact
+            def __call__(self, x_BTD: jax.Array) -> jax.Array:
+                cfg, init, dt = self.cfg, layers.init_normal(self.cfg.init_std), layers.dtype_of(self.cfg.dtype)
+                names_DF = (layers.axes.EMBED, layers.axes.MLP)
+                w_gate_DF = layers.logical_param(self, "gate", (cfg.d_model, cfg.d_ff), names_DF, init)
+                w_up_DF = layers.logical_param(self, "up", (cfg.d_model, cfg.d_ff), names_DF, init)
+                w_down_FD = layers.logical_param(self, "down", (cfg.d_ff, cfg.d_model), names_DF[::-1], init)
+                w_DF2 = layers.jnp.concatenate([w_gate_DF, w_up_DF], axis=1).astype(dt)
+                gate_BTF, up_BTF = layers.jnp.split(layers.jnp.einsum("BTD,DF->BTF", x_BTD, w_DF2), 2, axis=-1)
+                return layers.jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, w_down_FD.astype(dt))
+
+        llama.MLP = FusedMLP
+
+
+def restart_with_malloc_reuse() -> None:
+    """Re-executes this process with MALLOC_REUSE (glibc reads its tunables only at start-up)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if MALLOC_REUSE in tunables:
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, MALLOC_REUSE])))
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+
+class Ours:
+    """herd's jitted train step on one CPU device."""
+
+    def __init__(self, config: ml_collections.ConfigDict, dtype: str):
+        c = config.copy_and_resolve_references()
+        c.model.dtype = dtype
+        self.trainer = Trainer(c, jax.devices()[:1])
+        self.cfg = self.trainer.model_cfg
+        self.state = self.trainer.initial_state()
+        self.local_batch = next(self.trainer.batches(self.trainer.train_data))
+        self.batch = to_global(self.local_batch, self.trainer.batch_shardings)
+        self.metrics: Any = None
+
+    def step(self) -> None:
+        self.state, self.metrics = self.trainer.train_step(self.state, self.batch)
+
+    def sync(self) -> None:
+        jax.block_until_ready((self.state, self.metrics))
+
+    def loss(self) -> float:
+        return float(self.metrics["loss"])
+
+
+class Reference:
+    """transformers LlamaForCausalLM + torch.optim.AdamW with our optimizer's hyperparameters."""
+
+    def __init__(self, ckpt: str, c: ml_collections.ConfigDict, batch: dict[str, np.ndarray], dtype: str,
+                 attn: str):
+        import torch
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        self.torch = torch
+        self.model = transformers.LlamaForCausalLM.from_pretrained(ckpt, attn_implementation=attn,
+                                                                   dtype=torch.float32)
+        self.model.train()
+        oc = c.optimizer
+        # Our weight-decay mask: matrices always, norm scales and the input embedding only when configured.
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            skip = (p.ndim == 1 and not oc.decay_norms) or (name.endswith("embed_tokens.weight")
+                                                             and not oc.decay_embeddings)
+            (no_decay if skip else decay).append(p)
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=oc.lr, betas=(oc.b1, oc.b2), eps=oc.eps)
+        self.clip = float(oc.grad_clip)
+        self.input_ids = torch.from_numpy(np.asarray(batch["inputs"], np.int64))
+        self.targets = torch.from_numpy(np.asarray(batch["targets"], np.int64))
+        self.autocast = dtype == "bfloat16"
+        self.last_loss: Any = None
+
+    def step(self) -> None:
+        torch = self.torch
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            # `labels` switches the loss on; `shift_labels` are our targets, so both sides fit the same tokens.
+            loss = self.model(input_ids=self.input_ids, labels=self.input_ids, shift_labels=self.targets).loss
+        loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+
+    def sync(self) -> None:
+        pass  # eager and synchronous on CPU
+
+    def loss(self) -> float:
+        return float(self.last_loss)
+
+
+def timed(side: Any, steps: int) -> dict[str, float]:
+    """Per step: wall seconds, user and system CPU seconds, minor page faults (whole process)."""
+    side.sync()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(steps):
+        side.step()
+    side.sync()
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall": wall / steps, "user": (r1.ru_utime - r0.ru_utime) / steps,
+            "sys": (r1.ru_stime - r0.ru_stime) / steps, "minflt": (r1.ru_minflt - r0.ru_minflt) / steps}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_dtype(config: ml_collections.ConfigDict, dtype: str) -> dict[str, Any]:
+    """Builds both sides for one compute dtype, checks they agree, and times them in alternating rounds."""
+    t0 = time.perf_counter()
+    ours = Ours(config, dtype)
+    cfg, c = ours.cfg, ours.trainer.config
+    with tempfile.TemporaryDirectory() as ckpt:
+        hf_lib.save(cfg.replace(dtype="float32"), jax.device_get(ours.state.params), ckpt)
+        ours.step()  # compile; its loss is on the initial parameters, as is the reference's first
+        ours_loss0, compile_s = ours.loss(), time.perf_counter() - t0
+        attns = ["sdpa", "eager"] if FLAGS.reference_attn == "auto" else [FLAGS.reference_attn]
+        probes: dict[str, float] = {}
+        candidates: dict[str, tuple[Reference, float]] = {}
+        for attn in attns:
+            candidate = Reference(ckpt, c, ours.local_batch, dtype, attn)
+            candidate.step()
+            candidates[attn] = (candidate, candidate.loss())
+            if len(attns) > 1:
+                probes[attn] = timed(candidate, FLAGS.probe_steps)["wall"]
+    ref_attn = min(attns, key=lambda a: probes.get(a, 0.0))
+    ref, ref_loss0 = candidates.pop(ref_attn)
+    del candidates
+    print(f"[{dtype}] first-step loss, same batch and parameters: ours {ours_loss0:.5f}, reference {ref_loss0:.5f}; "
+          f"our compile + first step {compile_s:.1f}s", flush=True)
+    if probes:
+        print(f"[{dtype}] reference attention probe (s/step): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in probes.items()) + f" -> {ref_attn}", flush=True)
+    for _ in range(FLAGS.warmup):
+        ours.step()
+        ref.step()
+    rounds: dict[str, list[dict[str, float]]] = {"ours": [], "reference": []}
+    for r in range(FLAGS.rounds):
+        order = [("ours", ours), ("reference", ref)]
+        for name, side in order if r % 2 == 0 else order[::-1]:
+            rounds[name].append(timed(side, FLAGS.steps))
+        print(f"[{dtype}] round {r + 1}/{FLAGS.rounds}: " + ", ".join(
+            f"{k} {v[-1]['wall']:.3f} s/step ({v[-1]['user']:.2f} user + {v[-1]['sys']:.2f} sys CPU-s, "
+            f"{v[-1]['minflt']:.0f} page faults)" for k, v in rounds.items()) + f"; load {load_average()}", flush=True)
+    tokens_per_step = c.train.batch_size * c.data.seq_len
+    median = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rounds.items()}
+    tps = {k: tokens_per_step / v["wall"] for k, v in median.items()}
+    return {
+        "dtype": dtype,
+        "reference_attn": ref_attn,
+        "attn_probe_s_per_step": probes or None,
+        "first_loss": {"ours": ours_loss0, "reference": ref_loss0},
+        "compile_s": round(compile_s, 2),
+        "rounds": rounds,
+        "median": median,
+        "tokens_per_s": tps,
+        "ratio": tps["ours"] / tps["reference"],
+        "flops_per_token": flops_per_token(cfg, c.data.seq_len),
+        "model": cfg.to_dict(),
+    }
+
+
+def torch_matmul_flops(size: int = 1024, trials: int = 5) -> float:
+    """The float32 matmul chain of measure_matmul_flops, in torch: context for the two libraries' GEMMs."""
+    import torch
+
+    x, w = torch.randn(size, size), torch.randn(size, size) / size**0.5
+    (x @ w) @ w
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        (x @ w) @ w
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 * 2 / best
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if "malloc_reuse" in FLAGS.experimental:
+        restart_with_malloc_reuse()
+    install_experiments(FLAGS.experimental)
+    import torch
+    import transformers
+
+    from_experiment = bool(FLAGS["config"].present)
+    config = bench_config(FLAGS.config, from_experiment)
+    cpus = len(os.sched_getaffinity(0))
+    torch.set_num_threads(FLAGS.threads or cpus)
+    device = jax.devices()[0]
+    load_before = load_average()
+    print(f"herd (jax {jax.__version__}, {device}) vs transformers {transformers.__version__} + torch "
+          f"{torch.__version__}; {cpus} usable CPUs of {os.cpu_count()}; torch threads {torch.get_num_threads()}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; "
+          f"experimental={FLAGS.experimental or 'none'}; load {load_before}", flush=True)
+    peak_a = metrics_lib.measure_matmul_flops(device, trials=5)
+    results = [run_dtype(config, dtype) for dtype in FLAGS.dtypes]
+    peak_b = metrics_lib.measure_matmul_flops(device, trials=6)  # a second measurement (another cache key)
+    peak, torch_peak = max(peak_a, peak_b), torch_matmul_flops()
+    for res in results:
+        res["mfu"] = {k: metrics_lib.mfu(v, res["flops_per_token"], peak, 1) for k, v in res["tokens_per_s"].items()}
+    shape_keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "tie_embeddings",
+                  "scan_layers", "remat_policy")
+    summary = {
+        "bench": "train_throughput",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "config": config_flags.get_config_filename(FLAGS["config"]) if from_experiment else None,
+        "experimental": FLAGS.experimental,
+        "shape": {**{k: results[0]["model"][k] for k in shape_keys},
+                  "seq_len": config.data.seq_len, "batch": config.train.batch_size},
+        "machine": {"cpu": _cpu_model(), "usable_cpus": cpus, "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
+        "peak_matmul_flops": peak,
+        "peak_measurements": [peak_a, peak_b],
+        "torch_matmul_flops": torch_peak,
+        "load_before": load_before,
+        "load_after": load_average(),
+        "steps": FLAGS.steps,
+        "rounds": FLAGS.rounds,
+        "results": {r["dtype"]: r for r in results},
+    }
+    print(f"\npeak: float32 1024^3 matmul measured here {peak / 1e9:.1f} GFLOP/s (torch, same matmul: "
+          f"{torch_peak / 1e9:.1f}); {summary['shape']}")
+    print(f"{'dtype':<9} {'ours tok/s':>10} {'ref tok/s':>10} {'ratio':>6} {'ours MFU':>9} {'ref MFU':>8}  reference attn")
+    for r in results:
+        print(f"{r['dtype']:<9} {r['tokens_per_s']['ours']:>10.0f} {r['tokens_per_s']['reference']:>10.0f} "
+              f"{r['ratio']:>6.2f} {r['mfu']['ours']:>9.1%} {r['mfu']['reference']:>8.1%}  {r['reference_attn']}")
+    met = all(r["ratio"] >= 1.0 for r in results)
+    print(f"target ratio >= 1.0: {'met' if met else 'NOT met'}; load {load_before} before, {summary['load_after']} after")
+    line = json.dumps(summary)
+    print(line, flush=True)
+    if FLAGS.out:
+        with open(FLAGS.out, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def _cpu_model() -> str:
+    try:
+        for row in Path("/proc/cpuinfo").read_text().splitlines():
+            if row.startswith("model name"):
+                return row.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    app.run(main)
