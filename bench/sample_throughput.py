@@ -256,6 +256,8 @@ def main(argv: list[str]) -> None:
     tokens = FLAGS.batch * new
     tps = {k: tokens / v for k, v in med.items()}
     ratio = tps["ours"] / tps["reference"]
+    # Each side's fastest round: less sensitive to other jobs than the median on a shared machine.
+    best = {k: tokens / min(v) for k, v in rounds.items()}
     prefill_s = statistics.median(prefill)
     summary = {
         "bench": "sample_throughput",
@@ -278,6 +280,8 @@ def main(argv: list[str]) -> None:
         "s_per_generate": med,
         "tokens_per_s": tps,
         "ratio": ratio,
+        "tokens_per_s_best": best,
+        "ratio_best": best["ours"] / best["reference"],
         "ours_prefill_s": prefill_s,
         "ours_decode_tokens_per_s": FLAGS.batch * (new - 1) / (med["ours"] - prefill_s),
         "greedy_agreement": agree,
@@ -290,7 +294,9 @@ def main(argv: list[str]) -> None:
         f"compile {compile_s:.2f}s)")
     log(f"{'reference':<10} {tps['reference']:>9.0f} {med['reference']:>11.3f}   (attn {ref_attn}, "
         f"{ref_threads} torch thread(s))")
-    log(f"ratio {ratio:.2f}x; target >= 2x -> {'met' if ratio >= 2 else 'NOT met'}; "
+    log(f"best rounds: ours {best['ours']:.0f}, reference {best['reference']:.0f} tok/s, ratio "
+        f"{best['ours'] / best['reference']:.2f}x")
+    log(f"ratio {ratio:.2f}x (medians); target >= 2x -> {'met' if ratio >= 2 else 'NOT met'}; "
         f"load {load_before} before, {summary['load_after']} after")
     line = json.dumps(summary)
     print(line, flush=True)
