@@ -56,6 +56,7 @@ from model import decode  # noqa: E402
 from model import hf as hf_lib  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.llama import init_params  # noqa: E402
+from train.malloc import tune_malloc  # noqa: E402
 
 FLAGS = flags.FLAGS
 # The default experiment's model shape (the "small" variant: a small Llama 3 architecture model).
@@ -81,6 +82,9 @@ flags.DEFINE_bool(
     "Also probe the reference with 1 torch thread and keep it if faster: on a loaded machine torch's "
     "multi-threaded ops stall on a descheduled thread (10x slower here), which would flatter us.",
 )
+flags.DEFINE_enum("malloc", "tuned", ["tuned", "system"],
+                  "tuned: restart with train.malloc.MALLOC_TUNABLES, as the herd CLI does on CPU (both sides); "
+                  "system: glibc's defaults.")
 flags.DEFINE_string("out", None, "Also append the JSON result line to this file.")
 
 PAD_ID = 0
@@ -185,6 +189,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not 1 <= FLAGS.min_prompt <= FLAGS.max_prompt:
         raise app.UsageError(f"need 1 <= --min_prompt ({FLAGS.min_prompt}) <= --max_prompt ({FLAGS.max_prompt})")
+    os.environ["HERD_MALLOC"] = FLAGS.malloc
+    tune_malloc()  # restarts this process when --malloc=tuned and GLIBC_TUNABLES lacks the setting
     import torch
     import transformers
 

@@ -24,8 +24,8 @@ best of two); bfloat16 MFU uses the same float32 peak.
     PYTHONPATH=. python bench/train_throughput.py --config=experiments/shakespeare.py
     PYTHONPATH=. python bench/train_throughput.py --config.model.scan_layers=False --dtypes=float32
 
-`--experimental=...` monkeypatches ours (or the process) to measure a proposed
-change before it lands elsewhere; results say which were on. See bench/README.md.
+Like the `herd` CLI on CPU, it restarts itself with glibc's malloc tuned
+(`--malloc=system` keeps the defaults, for both sides). See bench/README.md.
 The last stdout line is one JSON object with every figure; `--out FILE` appends it to FILE.
 """
 
@@ -43,16 +43,13 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 if __package__ in (None, ""):  # `python bench/train_throughput.py` without PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -63,6 +60,7 @@ from model import flops_per_token  # noqa: E402
 from model import hf as hf_lib  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 from train.loop import Trainer, to_global  # noqa: E402
+from train.malloc import tune_malloc  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -85,16 +83,9 @@ flags.DEFINE_integer("threads", None, "torch intra-op threads; default: the CPUs
 flags.DEFINE_enum("reference_attn", "auto", ["auto", "sdpa", "eager"],
                   "transformers attention; auto times both for --probe_steps per dtype and keeps the faster.")
 flags.DEFINE_integer("probe_steps", 2, "Steps per attention implementation with --reference_attn=auto.")
-# One malloc arena that never mmaps or trims: XLA:CPU's per-step buffers (hundreds of MB) are reused
-# instead of being mmapped, page-faulted and zeroed by the kernel again every step.
-MALLOC_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
-EXPERIMENTS = {
-    "malloc_reuse": f"both sides: restart with GLIBC_TUNABLES={MALLOC_REUSE} (glibc keeps and reuses freed memory)",
-    "bf16_dots": "ours: bf16 x bf16 einsums emit float32 (forward and backward), so XLA:CPU keeps them in bf16",
-    "fused_mlp": "ours: gate and up projections as one [D, 2F] matmul",
-}
-flags.DEFINE_list("experimental", [], "Proposed changes to measure: " + "; ".join(f"{k}: {v}" for k, v in
-                                                                                  EXPERIMENTS.items()))
+flags.DEFINE_enum("malloc", "tuned", ["tuned", "system"],
+                  "tuned: restart with train.malloc.MALLOC_TUNABLES, as the herd CLI does on CPU (both sides); "
+                  "system: glibc's defaults.")
 flags.DEFINE_string("out", None, "Also append the JSON result line to this file.")
 
 
@@ -150,81 +141,6 @@ def data_vocab(c: ml_collections.ConfigDict) -> int | None:
     print(f"note: the vocabulary of tokenizer {tok.name!r} is unknown without loading it; using the variant's "
           "(set --config.model.vocab_size to pin it)")
     return None
-
-
-# ----------------------------------------------------------------------------- experimental patches
-
-
-def _einsum_bf16_f32(subscripts: str, a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
-    """bf16 einsum of two operands whose products XLA:CPU runs in bf16: every dot, forward and backward,
-    is bf16 x bf16 -> float32 (XLA:CPU rewrites bf16 x bf16 -> bf16 dots to float32 ones, twice as slow)."""
-    ins, out = subscripts.replace(" ", "").split("->")
-    lhs, rhs = ins.split(",")
-
-    @jax.custom_vjp
-    def f(a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
-
-    def bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
-        a, b = res
-        g = g.astype(a.dtype)
-        ga = jnp.einsum(f"{out},{rhs}->{lhs}", g, b, preferred_element_type=jnp.float32)
-        gb = jnp.einsum(f"{lhs},{out}->{rhs}", a, g, preferred_element_type=jnp.float32)
-        return ga.astype(a.dtype), gb.astype(b.dtype)
-
-    f.defvjp(lambda a, b: (f(a, b), (a, b)), bwd)
-    return f(a, b)
-
-
-class _Jnp(types.ModuleType):
-    """jax.numpy with a different einsum (installed as `jnp` in model.layers / model.llama)."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(jnp, name)
-
-    @staticmethod
-    def einsum(subscripts: str, *operands: Any, preferred_element_type: Any = None, **kw: Any) -> jax.Array:
-        if (not kw and len(operands) == 2 and "..." not in subscripts
-                and all(jnp.result_type(x) == jnp.bfloat16 for x in operands)):
-            return _einsum_bf16_f32(subscripts, *operands, preferred_element_type or jnp.bfloat16)
-        return jnp.einsum(subscripts, *operands, preferred_element_type=preferred_element_type, **kw)
-
-
-def install_experiments(names: list[str]) -> None:
-    """Monkeypatches ours for the proposed changes in `names` (see EXPERIMENTS)."""
-    import model.layers as layers
-    import model.llama as llama
-
-    unknown = sorted(set(names) - set(EXPERIMENTS))
-    if unknown:
-        raise app.UsageError(f"unknown --experimental {unknown}; valid: {', '.join(EXPERIMENTS)}")
-    if "bf16_dots" in names:
-        layers.jnp = llama.jnp = _Jnp("jnp_bf16_dots")
-    if "fused_mlp" in names:
-
-        class FusedMLP(layers.MLP):
-            @nn.compact
-            def __call__(self, x_BTD: jax.Array) -> jax.Array:
-                cfg, init, dt = self.cfg, layers.init_normal(self.cfg.init_std), layers.dtype_of(self.cfg.dtype)
-                names_DF = (layers.axes.EMBED, layers.axes.MLP)
-                w_gate_DF = layers.logical_param(self, "gate", (cfg.d_model, cfg.d_ff), names_DF, init)
-                w_up_DF = layers.logical_param(self, "up", (cfg.d_model, cfg.d_ff), names_DF, init)
-                w_down_FD = layers.logical_param(self, "down", (cfg.d_ff, cfg.d_model), names_DF[::-1], init)
-                w_DF2 = layers.jnp.concatenate([w_gate_DF, w_up_DF], axis=1).astype(dt)
-                gate_BTF, up_BTF = layers.jnp.split(layers.jnp.einsum("BTD,DF->BTF", x_BTD, w_DF2), 2, axis=-1)
-                return layers.jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, w_down_FD.astype(dt))
-
-        llama.MLP = FusedMLP
-
-
-def restart_with_malloc_reuse() -> None:
-    """Re-executes this process with MALLOC_REUSE (glibc reads its tunables only at start-up)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if MALLOC_REUSE in tunables:
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, MALLOC_REUSE])))
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 # ----------------------------------------------------------------------------- the two sides
@@ -392,9 +308,8 @@ def torch_matmul_flops(size: int = 1024, trials: int = 5) -> float:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if "malloc_reuse" in FLAGS.experimental:
-        restart_with_malloc_reuse()
-    install_experiments(FLAGS.experimental)
+    os.environ["HERD_MALLOC"] = FLAGS.malloc
+    tune_malloc()  # restarts this process when --malloc=tuned and GLIBC_TUNABLES lacks the setting
     import torch
     import transformers
 
@@ -407,7 +322,7 @@ def main(argv: list[str]) -> None:
     print(f"herd (jax {jax.__version__}, {device}) vs transformers {transformers.__version__} + torch "
           f"{torch.__version__}; {cpus} usable CPUs of {os.cpu_count()}; torch threads {torch.get_num_threads()}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; "
-          f"experimental={FLAGS.experimental or 'none'}; load {load_before}", flush=True)
+          f"malloc={FLAGS.malloc}; load {load_before}", flush=True)
     peak_a = metrics_lib.measure_matmul_flops(device, trials=5)
     results = [run_dtype(config, dtype) for dtype in FLAGS.dtypes]
     peak_b = metrics_lib.measure_matmul_flops(device, trials=6)  # a second measurement (another cache key)
@@ -421,7 +336,7 @@ def main(argv: list[str]) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "config": config_flags.get_config_filename(FLAGS["config"]) if from_experiment else None,
-        "experimental": FLAGS.experimental,
+        "malloc": FLAGS.malloc,
         "shape": {**{k: results[0]["model"][k] for k in shape_keys},
                   "seq_len": config.data.seq_len, "batch": config.train.batch_size},
         "machine": {"cpu": _cpu_model(), "usable_cpus": cpus, "torch_threads": torch.get_num_threads(),

@@ -26,20 +26,23 @@ from jax.sharding import PartitionSpec
 
 from model import axes
 from model.config import ModelConfig
-from model.layers import attend, attention_mask, dtype_of, rope_tables
+from model.layers import attend, attention_mask, dtype_of, einsum, rope_tables
 from model.llama import Block, Llama, Params
 
 PADDING_SIDES = ("left", "right")
-# The cache is laid out like the attention keys and values: batch and kv heads
-# split as activations are; layers stay whole (each step reads all of them).
-CACHE_AXES = (None, axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_KV_HEADS, None)
+# Batch and kv heads are split as the attention activations are; layers stay
+# whole (each step reads all of them). Kv heads come before slots so that each
+# (row, head) is one contiguous [S, H] matrix: the attention dots read the cache
+# in place. Slots before heads made XLA:CPU copy every layer's cache into this
+# order on each step, 20-25 % of a decode step (bench/README.md).
+CACHE_AXES = (None, axes.ACT_BATCH, axes.ACT_KV_HEADS, axes.ACT_SEQ, None)
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, [L, B, S, K, H], and the slots each row occupies."""
+    """Keys and values of every layer, [L, B, K, S, H], and the slots each row occupies."""
 
-    k_LBSKH: jax.Array
-    v_LBSKH: jax.Array
+    k_LBKSH: jax.Array
+    v_LBKSH: jax.Array
     start_B: jax.Array  # int32: first slot of the row's sequence (its position 0)
     end_B: jax.Array  # int32: next slot to write; slots [start, end) are attended to
 
@@ -57,7 +60,7 @@ def _constrain(cache: KVCache) -> KVCache:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache of `max_len` slots per row, in the compute dtype."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_size)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_size)
     zeros = jnp.zeros(shape, dtype_of(cfg.dtype))
     empty_B = jnp.zeros((batch,), jnp.int32)
     return _constrain(KVCache(zeros, zeros, empty_B, empty_B))
@@ -67,8 +70,8 @@ def _attend_with_cache(
     q_BTNH: jax.Array,
     k_BTKH: jax.Array,
     v_BTKH: jax.Array,
-    k_cache_BSKH: jax.Array,
-    v_cache_BSKH: jax.Array,
+    k_cache_BKSH: jax.Array,
+    v_cache_BKSH: jax.Array,
     mask_cache_BTS: jax.Array,
     mask_new_BTT: jax.Array,
 ) -> jax.Array:
@@ -79,15 +82,15 @@ def _attend_with_cache(
     """
     b, t, n, h = q_BTNH.shape
     k = k_BTKH.shape[2]
-    s = k_cache_BSKH.shape[1]
+    s = k_cache_BKSH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-    old_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_cache_BSKH, preferred_element_type=jnp.float32)
-    new_BKGTT = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BTKH, preferred_element_type=jnp.float32)
+    old_BKGTS = einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_cache_BKSH, jnp.float32)
+    new_BKGTT = einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BTKH, jnp.float32)
     scores_BKGTX = jnp.concatenate([old_BKGTS, new_BKGTT], axis=-1) / math.sqrt(h)
     mask_BTX = jnp.concatenate([mask_cache_BTS, mask_new_BTT], axis=-1)
     scores_BKGTX = jnp.where(mask_BTX[:, None, None], scores_BKGTX, jnp.finfo(jnp.float32).min)
     probs_BKGTX = jax.nn.softmax(scores_BKGTX, axis=-1).astype(v_BTKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTX[..., :s], v_cache_BSKH) + jnp.einsum(
+    out_BTKGH = einsum("BKGTS,BKSH->BTKGH", probs_BKGTX[..., :s], v_cache_BKSH) + einsum(
         "BKGTS,BSKH->BTKGH", probs_BKGTX[..., s:], v_BTKH
     )
     return out_BTKGH.reshape(b, t, n, h)
@@ -109,21 +112,21 @@ def _extend(
     index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask_new_BTT = attention_mask(index_BT, index_BT) & (slot_BT >= cache.start_B[:, None])[:, None, :]
     if not fresh:
-        slot_S = jnp.arange(cache.k_LBSKH.shape[2], dtype=jnp.int32)
+        slot_S = jnp.arange(cache.k_LBKSH.shape[3], dtype=jnp.int32)
         live_BS = (slot_S >= cache.start_B[:, None]) & (slot_S < cache.end_B[:, None])
         mask_cache_BTS = jnp.broadcast_to(live_BS[:, None, :], (b, t, slot_S.shape[0]))
 
     llama, block = Llama(cfg), Block(cfg)
     x_BTD = llama.apply({"params": params}, tokens_BT, method=Llama.embed)
 
-    def layer(x_BTD: jax.Array, p: Params, k_cache_BSKH: jax.Array | None, v_cache_BSKH: jax.Array | None) -> tuple:
+    def layer(x_BTD: jax.Array, p: Params, k_cache_BKSH: jax.Array | None, v_cache_BKSH: jax.Array | None) -> tuple:
         if fresh:
             attend_fn = functools.partial(attend, mask_BTS=mask_new_BTT)
         else:
             attend_fn = functools.partial(
                 _attend_with_cache,
-                k_cache_BSKH=k_cache_BSKH,
-                v_cache_BSKH=v_cache_BSKH,
+                k_cache_BKSH=k_cache_BKSH,
+                v_cache_BKSH=v_cache_BKSH,
                 mask_cache_BTS=mask_cache_BTS,
                 mask_new_BTT=mask_new_BTT,
             )
@@ -132,25 +135,30 @@ def _extend(
         )
         return x_BTD, (k_BTKH, v_BTKH)
 
-    cached = (None, None) if fresh else (cache.k_LBSKH, cache.v_LBSKH)
+    cached = (None, None) if fresh else (cache.k_LBKSH, cache.v_LBKSH)
     if cfg.scan_layers:
         x_BTD, (k_LBTKH, v_LBTKH) = jax.lax.scan(lambda x, xs: layer(x, *xs), x_BTD, (params["layers"], *cached))
     else:
         new = []
         for i in range(cfg.n_layers):
-            k_i, v_i = (None, None) if fresh else (cache.k_LBSKH[i], cache.v_LBSKH[i])
+            k_i, v_i = (None, None) if fresh else (cache.k_LBKSH[i], cache.v_LBKSH[i])
             x_BTD, kv = layer(x_BTD, params[f"layers_{i}"], k_i, v_i)
             new.append(kv)
         k_LBTKH, v_LBTKH = (jnp.stack(parts) for parts in zip(*new))
 
     # Write the new keys and values at each row's own slots (a scatter, in place when the cache is donated).
     rows_B1 = jnp.arange(b)[:, None]
-    k_LBSKH = cache.k_LBSKH.at[:, rows_B1, slot_BT].set(k_LBTKH.astype(cache.k_LBSKH.dtype), mode="drop")
-    v_LBSKH = cache.v_LBSKH.at[:, rows_B1, slot_BT].set(v_LBTKH.astype(cache.v_LBSKH.dtype), mode="drop")
+    # The two index arrays are split by a slice, so their (B, T) dims lead the updates: [B, T, L, K, H].
+    k_LBKSH = cache.k_LBKSH.at[:, rows_B1, :, slot_BT].set(_rows_first(k_LBTKH, cache.k_LBKSH.dtype), mode="drop")
+    v_LBKSH = cache.v_LBKSH.at[:, rows_B1, :, slot_BT].set(_rows_first(v_LBTKH, cache.v_LBKSH.dtype), mode="drop")
     last_B11 = (n_new_B - 1)[:, None, None]
     x_B1D = jnp.take_along_axis(x_BTD, last_B11, axis=1)
     logits_BV = llama.apply({"params": params}, x_B1D, method=Llama.logits)[:, 0]
-    return logits_BV, _constrain(KVCache(k_LBSKH, v_LBSKH, cache.start_B, cache.end_B + n_new_B))
+    return logits_BV, _constrain(KVCache(k_LBKSH, v_LBKSH, cache.start_B, cache.end_B + n_new_B))
+
+
+def _rows_first(x_LBTKH: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return x_LBTKH.transpose(1, 2, 0, 3, 4).astype(dtype)
 
 
 def prefill(

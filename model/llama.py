@@ -18,6 +18,7 @@ from model.layers import (
     attend,
     attention_mask,
     dtype_of,
+    einsum,
     init_normal,
     logical_param,
     rope_tables,
@@ -115,9 +116,9 @@ class Llama(nn.Module):
         x_BTD = self.final_norm(x_BTD)
         dt = dtype_of(self.cfg.dtype)
         if self.cfg.tie_embeddings:
-            logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embedding_VD.astype(dt), preferred_element_type=jnp.float32)
+            logits_BTV = einsum("BTD,VD->BTV", x_BTD, self.embedding_VD.astype(dt), jnp.float32)
         else:
-            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.lm_head_DV.astype(dt), preferred_element_type=jnp.float32)
+            logits_BTV = einsum("BTD,DV->BTV", x_BTD, self.lm_head_DV.astype(dt), jnp.float32)
         return nn.with_logical_constraint(logits_BTV, (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_VOCAB))
 
     def __call__(

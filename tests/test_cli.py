@@ -115,3 +115,31 @@ def test_prompt_longer_than_the_context(run):
 
 def test_convert_refuses_to_overwrite(run, exported):
     assert_one_line_error(herd("convert", f"--workdir={run}", f"--to-hf={exported}"), "config.json")
+
+
+def test_malloc_tuning_applies_to_cpu_runs_only():
+    from train.malloc import MALLOC_TUNABLES, malloc_tuned_env
+
+    tuned = malloc_tuned_env({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
+    assert tuned["GLIBC_TUNABLES"] == f"glibc.pthread.rseq=0:{MALLOC_TUNABLES}"
+    assert malloc_tuned_env({"JAX_PLATFORMS": "cuda"}) is None
+    assert malloc_tuned_env({"JAX_PLATFORMS": "cuda", "HERD_MALLOC": "tuned"}) is not None
+    assert malloc_tuned_env({"JAX_PLATFORMS": "cpu", "HERD_MALLOC": "system"}) is None
+    assert malloc_tuned_env({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}) is None
+    with pytest.raises(ValueError, match="HERD_MALLOC='fast' must be one of auto, tuned, system"):
+        malloc_tuned_env({"HERD_MALLOC": "fast"})
+
+
+def test_cli_restarts_itself_with_malloc_tuning_once():
+    from train.malloc import MALLOC_TUNABLES
+
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    code = ("import os; from train.malloc import tune_malloc; print('start', flush=True); tune_malloc(); "
+            "print(os.environ.get('GLIBC_TUNABLES'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HERD_MALLOC": "tuned"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n") == ["start", "start", MALLOC_TUNABLES, ""]
+    bad = subprocess.run([sys.executable, "-m", "train.main", "train"], cwd=ROOT, env={**env, "HERD_MALLOC": "x"},
+                         capture_output=True, text=True, timeout=120)
+    assert_one_line_error(bad, "HERD_MALLOC='x' must be one of auto, tuned, system")

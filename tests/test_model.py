@@ -1,6 +1,7 @@
 """Model invariants: shapes, causality, document masking, layouts, numerics, configs, counts."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 import model
 from model.config import RopeScaling
-from model.layers import attention_mask, rope_tables
+from model.layers import attention_mask, einsum, rope_tables
 from model.llama import Llama, unstack_layers, with_layers
 
 TINY = model.VARIANTS["tiny"]
@@ -129,6 +130,50 @@ def test_bf16_compute_close_to_float32(params):
     assert rel < 2e-2, rel
     probs_ref, probs_low = jax.nn.softmax(ref), jax.nn.softmax(low)
     assert float(jnp.abs(probs_ref - probs_low).max()) < 2e-2
+
+
+def _compiled_dot_operand_dtypes(fn, *args) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in the optimized HLO of jit(fn)(*args)."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", text))
+    return [(types[a], types[b]) for a, b in re.findall(r"= \S+ dot\(%([\w.\-]+), %([\w.\-]+)\)", text)]
+
+
+def test_low_precision_einsum_accumulates_in_float32_forward_and_backward():
+    a = jax.random.normal(jax.random.key(0), (3, 5, 64)).astype(jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (64, 2, 7)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(2), (3, 5, 2, 7))
+
+    def loss(a, b, f=einsum):
+        return jnp.sum(f("BTD,DCF->BTCF", a, b).astype(jnp.float32) * w)
+
+    def loss32(a, b):
+        return loss(a.astype(jnp.float32), b.astype(jnp.float32), jnp.einsum)
+
+    out = einsum("BTD,DCF->BTCF", a, b)
+    assert out.dtype == jnp.bfloat16 and einsum("BTD,DCF->BTCF", a, b, jnp.float32).dtype == jnp.float32
+    ref = jnp.einsum("BTD,DCF->BTCF", a.astype(jnp.float32), b.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=1e-2, atol=1e-2)
+    grads, grads32 = jax.grad(loss, (0, 1))(a, b), jax.grad(loss32, (0, 1))(a, b)
+    for g, g32, x in zip(grads, grads32, (a, b)):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        assert float(jnp.linalg.norm(g.astype(jnp.float32) - g32) / jnp.linalg.norm(g32)) < 1e-2
+    assert _compiled_dot_operand_dtypes(jax.value_and_grad(loss, (0, 1)), a, b) == [("bf16", "bf16")] * 3
+
+
+def test_bf16_training_step_keeps_every_dot_in_bf16(params):
+    # XLA:CPU runs a dot in bf16 only when both operands are bf16; a float32
+    # operand (or a bf16 -> bf16 dot, which it upcasts) runs at half the rate.
+    cfg, toks = TINY.replace(dtype="bfloat16"), _tokens(2, 16)
+
+    def loss(p):
+        return jnp.mean(model.forward(cfg, p, toks))
+
+    dtypes = _compiled_dot_operand_dtypes(jax.grad(loss), params)
+    assert len(dtypes) > 20 and set(dtypes) == {("bf16", "bf16")}, dtypes
+    assert set(_compiled_dot_operand_dtypes(jax.grad(lambda p: jnp.mean(model.forward(TINY, p, toks))), params)) == {
+        ("f32", "f32")
+    }
 
 
 def test_bf16_parameters_are_stored_in_bf16():

@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from train.malloc import tune_malloc
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/base.py:smoke.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run.json.")
@@ -175,6 +177,11 @@ def _enable_compilation_cache() -> None:
 
 
 def main() -> None:
+    try:
+        tune_malloc()
+    except ValueError as e:
+        print(f"herd: error: {e}", file=sys.stderr)
+        sys.exit(2)
     app.run(_run, flags_parser=_parse_flags)
 
 
