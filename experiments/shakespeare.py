@@ -42,17 +42,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tokenizer.vocab_size = 2048
 
     c.train.batch_size = 8
-    c.train.steps = 320  # about ten minutes at the ~1,000 tokens/s measured here (experiments/LOG.md)
+    c.train.steps = 800  # about ten minutes at the ~3,000 tokens/s measured here (bench/README.md, experiments/LOG.md)
 
     c.optimizer.lr = 3e-3
     c.optimizer.weight_decay = 0.1
     c.schedule.name = "cosine"
-    c.schedule.warmup_steps = 30
+    c.schedule.warmup_steps = 50
     c.schedule.final_lr_fraction = 0.1
 
-    c.eval.every = 80
+    c.eval.every = 200
     c.eval.batches = 16
-    c.checkpoint.every = 80
+    c.checkpoint.every = 200
 
     if arg == "smoke":
         base.apply_smoke(c)
