@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.validation_fraction = 0.1  # text_folder: share of files held out
     c.data.on_invalid_utf8 = "error"  # error | skip (skip counts and warns)
     c.data.shuffle = True
+    # tfds train rows are emitted in blocks of this many, each block in a seeded random order,
+    # so a batch samples many documents (train/data/pipeline.py); 0 keeps the stream order.
+    c.data.shuffle_rows = 2048
     c.data.worker_count = 0  # grain worker processes; 0 reads in the main process
     c.data.tokenizer = ml_collections.ConfigDict()
     c.data.tokenizer.name = "byte"  # byte | sentencepiece | tiktoken

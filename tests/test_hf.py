@@ -16,6 +16,7 @@ import pytest
 
 import model
 import model.hf as hf
+import model.safetensors_io as safetensors_io
 from model.llama import unstack_layers, with_layers
 
 torch = pytest.importorskip("torch")
@@ -295,13 +296,13 @@ def test_save_refuses_to_overwrite_and_checks_params(hf_ckpt, tmp_path):
 def test_safetensors_matches_reference_package(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b.c": rng.normal(size=(7,)).astype(np.float16)}
-    hf.write_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
+    safetensors_io.write_safetensors(tmp_path / "ours.safetensors", tensors, {"format": "pt"})
     theirs = safetensors_numpy.load_file(tmp_path / "ours.safetensors")
     assert theirs.keys() == tensors.keys()
     for k in tensors:
         np.testing.assert_array_equal(theirs[k], tensors[k])
     safetensors_numpy.save_file(tensors, tmp_path / "theirs.safetensors")
-    ours = hf.read_safetensors(tmp_path / "theirs.safetensors")
+    ours = safetensors_io.read_safetensors(tmp_path / "theirs.safetensors")
     for k in tensors:
         assert ours[k].dtype == tensors[k].dtype
         np.testing.assert_array_equal(ours[k], tensors[k])
@@ -309,11 +310,11 @@ def test_safetensors_matches_reference_package(tmp_path):
     from safetensors.torch import load_file
 
     x16 = rng.normal(size=(4, 6)).astype(ml_dtypes.bfloat16)
-    hf.write_safetensors(tmp_path / "bf16.safetensors", {"x": x16})
+    safetensors_io.write_safetensors(tmp_path / "bf16.safetensors", {"x": x16})
     t = load_file(tmp_path / "bf16.safetensors")["x"]
     assert t.dtype == torch.bfloat16
     np.testing.assert_array_equal(t.view(torch.int16).numpy(), x16.view(np.int16))
-    np.testing.assert_array_equal(hf.read_safetensors(tmp_path / "bf16.safetensors")["x"], x16)
+    np.testing.assert_array_equal(safetensors_io.read_safetensors(tmp_path / "bf16.safetensors")["x"], x16)
 
 
 # --- config handling and errors -------------------------------------------------------------------------------
@@ -368,9 +369,9 @@ def test_load_rejects_unsupported_config(hf_ckpt, tmp_path, changes, expected):
 
 
 def _rewrite_weights(path: Path, edit) -> None:
-    tensors = dict(hf.read_safetensors(path / hf.SINGLE_FILE))
+    tensors = dict(safetensors_io.read_safetensors(path / hf.SINGLE_FILE))
     edit(tensors)
-    hf.write_safetensors(path / hf.SINGLE_FILE, tensors, {"format": "pt"})
+    safetensors_io.write_safetensors(path / hf.SINGLE_FILE, tensors, {"format": "pt"})
 
 
 def test_load_rejects_missing_tensor(hf_ckpt, tmp_path):

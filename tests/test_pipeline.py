@@ -138,9 +138,11 @@ def test_same_seed_same_batches_other_seed_differs(roots):
     assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
 
 
-@pytest.mark.parametrize("corpus", ["shakespeare", "small"])
-def test_resume_from_saved_state_gives_the_same_batches(roots, corpus):
-    config = _config(roots[0]) if corpus == "shakespeare" else small(roots, **{"data.seq_len": 16})
+@pytest.mark.parametrize("corpus, shuffle_rows", [("shakespeare", 2048), ("small", 0), ("small", 6)])
+def test_resume_from_saved_state_gives_the_same_batches(roots, corpus, shuffle_rows):
+    overrides = {"data.shuffle_rows": shuffle_rows}
+    config = _config(roots[0], **overrides) if corpus == "shakespeare" else small(roots, **{"data.seq_len": 16,
+                                                                                            **overrides})
     ds = build_dataset(config, "train", 256)
     it = ds.iterator(4)
     for step in range(12):  # the small corpus crosses document and epoch boundaries here
@@ -153,8 +155,26 @@ def test_resume_from_saved_state_gives_the_same_batches(roots, corpus):
             assert all(np.array_equal(got[k], want[k]) for k in KEYS), step
 
 
+def test_rows_are_shuffled_in_blocks(roots):
+    """Each block of data.shuffle_rows rows is the in-order stream's block, permuted; batches mix documents."""
+    in_order = build_dataset(_config(roots[0], **{"data.shuffle_rows": 0}), "train", 256).iterator(8)
+    shuffled = build_dataset(_config(roots[0], **{"data.shuffle_rows": 32}), "train", 256).iterator(8)
+    for _ in range(2):  # two blocks of 32 rows = 4 batches of 8 each
+        want = np.concatenate([next(in_order)["inputs"] for _ in range(4)])
+        got = np.concatenate([next(shuffled)["inputs"] for _ in range(4)])
+        assert sorted(map(bytes, want)) == sorted(map(bytes, got))
+        assert not np.array_equal(want, got)
+    # 32 rows of 33 tokens come from one or two ~100 KB plays in order; shuffled, a batch's rows are not
+    # consecutive pieces of the stream any more.
+    rows = [bytes(r) for r in want]
+    batch = [rows.index(bytes(r)) for r in got[:8]]
+    assert sorted(batch) != list(range(min(batch), min(batch) + 8))
+    with pytest.raises(ValueError, match="data.shuffle_rows=-1 must be an integer >= 0"):
+        build_dataset(_config(roots[0], **{"data.shuffle_rows": -1}), "train", 256)
+
+
 def test_train_split_is_read_from_config(roots):
-    config = small(roots, **{"data.train_split": "train[:10]"})
+    config = small(roots, **{"data.train_split": "train[:10]", "data.shuffle_rows": 0})
     ds = build_dataset(config, "train", 256)
     assert len(ds.source) == 10 and ds.shuffle
     assert sorted(documents(ds, ds.iterator(4, epochs=1))) == sorted(split_texts(config, "train[:10]"))
@@ -162,7 +182,7 @@ def test_train_split_is_read_from_config(roots):
 
 def test_each_process_reads_its_own_documents(roots):
     """With P processes, process p reads documents p, p + P, ... of the (shuffled) epoch order."""
-    ds = build_dataset(small(roots), "train", 256)
+    ds = build_dataset(small(roots, **{"data.shuffle_rows": 0}), "train", 256)
     alone = documents(ds, ds.iterator(4, 0, 1, epochs=1))
     assert sorted(alone) == sorted(split_texts(small(roots), "train"))
     halves = []

