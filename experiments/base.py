@@ -65,9 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.validation_fraction = 0.1  # text_folder: share of files held out
     c.data.on_invalid_utf8 = "error"  # error | skip (skip counts and warns)
     c.data.shuffle = True
-    # tfds train rows are emitted in blocks of this many, each block in a seeded random order,
-    # so a batch samples many documents (train/data/pipeline.py); 0 keeps the stream order.
-    c.data.shuffle_rows = 2048
+    # tfds train rows are emitted in blocks of about this many tokens (32 MB), each block in a
+    # seeded random order, so a batch samples many documents (train/data/pipeline.py); 0: in order.
+    c.data.shuffle_tokens = 2**21
     c.data.worker_count = 0  # grain worker processes; 0 reads in the main process
     c.data.tokenizer = ml_collections.ConfigDict()
     c.data.tokenizer.name = "byte"  # byte | sentencepiece | tiktoken
@@ -123,6 +123,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks any experiment to a few CPU seconds."""
     c.model.variant = "tiny"
     c.data.seq_len = 32
+    c.data.shuffle_tokens = 2**12  # a few rows per block: the first batch needs no long read-ahead
     c.train.steps = 6
     c.train.batch_size = 4
     c.schedule.warmup_steps = 2

@@ -29,6 +29,7 @@ def _config(root, **overrides):
     c.data.source = "tfds"
     c.data.data_dir = str(root)
     c.data.seq_len = 32
+    c.data.shuffle_tokens = 2**12  # 124 rows per shuffled block: tests read a few batches, not 2^21 tokens
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
@@ -138,9 +139,9 @@ def test_same_seed_same_batches_other_seed_differs(roots):
     assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
 
 
-@pytest.mark.parametrize("corpus, shuffle_rows", [("shakespeare", 2048), ("small", 0), ("small", 6)])
-def test_resume_from_saved_state_gives_the_same_batches(roots, corpus, shuffle_rows):
-    overrides = {"data.shuffle_rows": shuffle_rows}
+@pytest.mark.parametrize("corpus, shuffle_tokens", [("shakespeare", 20 * 33), ("small", 0), ("small", 6 * 17)])
+def test_resume_from_saved_state_gives_the_same_batches(roots, corpus, shuffle_tokens):
+    overrides = {"data.shuffle_tokens": shuffle_tokens}  # blocks of 20 rows of 33 tokens, or 6 of 17: crossed
     config = _config(roots[0], **overrides) if corpus == "shakespeare" else small(roots, **{"data.seq_len": 16,
                                                                                             **overrides})
     ds = build_dataset(config, "train", 256)
@@ -156,9 +157,9 @@ def test_resume_from_saved_state_gives_the_same_batches(roots, corpus, shuffle_r
 
 
 def test_rows_are_shuffled_in_blocks(roots):
-    """Each block of data.shuffle_rows rows is the in-order stream's block, permuted; batches mix documents."""
-    in_order = build_dataset(_config(roots[0], **{"data.shuffle_rows": 0}), "train", 256).iterator(8)
-    shuffled = build_dataset(_config(roots[0], **{"data.shuffle_rows": 32}), "train", 256).iterator(8)
+    """Each block of shuffle_tokens // (seq_len + 1) rows is the in-order stream's block, permuted."""
+    in_order = build_dataset(_config(roots[0], **{"data.shuffle_tokens": 0}), "train", 256).iterator(8)
+    shuffled = build_dataset(_config(roots[0], **{"data.shuffle_tokens": 32 * 33 + 5}), "train", 256).iterator(8)
     for _ in range(2):  # two blocks of 32 rows = 4 batches of 8 each
         want = np.concatenate([next(in_order)["inputs"] for _ in range(4)])
         got = np.concatenate([next(shuffled)["inputs"] for _ in range(4)])
@@ -169,12 +170,12 @@ def test_rows_are_shuffled_in_blocks(roots):
     rows = [bytes(r) for r in want]
     batch = [rows.index(bytes(r)) for r in got[:8]]
     assert sorted(batch) != list(range(min(batch), min(batch) + 8))
-    with pytest.raises(ValueError, match="data.shuffle_rows=-1 must be an integer >= 0"):
-        build_dataset(_config(roots[0], **{"data.shuffle_rows": -1}), "train", 256)
+    with pytest.raises(ValueError, match="data.shuffle_tokens=-1 must be an integer >= 0"):
+        build_dataset(_config(roots[0], **{"data.shuffle_tokens": -1}), "train", 256)
 
 
 def test_train_split_is_read_from_config(roots):
-    config = small(roots, **{"data.train_split": "train[:10]", "data.shuffle_rows": 0})
+    config = small(roots, **{"data.train_split": "train[:10]", "data.shuffle_tokens": 0})
     ds = build_dataset(config, "train", 256)
     assert len(ds.source) == 10 and ds.shuffle
     assert sorted(documents(ds, ds.iterator(4, epochs=1))) == sorted(split_texts(config, "train[:10]"))
@@ -182,7 +183,7 @@ def test_train_split_is_read_from_config(roots):
 
 def test_each_process_reads_its_own_documents(roots):
     """With P processes, process p reads documents p, p + P, ... of the (shuffled) epoch order."""
-    ds = build_dataset(small(roots, **{"data.shuffle_rows": 0}), "train", 256)
+    ds = build_dataset(small(roots, **{"data.shuffle_tokens": 0}), "train", 256)
     alone = documents(ds, ds.iterator(4, 0, 1, epochs=1))
     assert sorted(alone) == sorted(split_texts(small(roots), "train"))
     halves = []

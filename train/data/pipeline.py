@@ -9,15 +9,16 @@ this pipeline, run independently by every process on its own documents:
     .map(tokenize)                      [BOS] + text + [EOS], and each token's UTF-8 bytes
     .to_iter_dataset() / .mp_prefetch() data.worker_count processes tokenize ahead (train)
     PackIterDataset                     concatenate, cut into rows of seq_len + 1 tokens
-    RowShuffleIterDataset               train only: blocks of data.shuffle_rows rows, each in a seeded order
+    RowShuffleIterDataset               train only: blocks of ~data.shuffle_tokens tokens of rows, each in a seeded order
     .batch(global_batch // process_count).map(lm_batch)
 
 Why rows are shuffled too: shuffling whole documents alone leaves every batch
 (and hundreds of batches in a row) cut from one long document, e.g. one play,
 so consecutive gradients are strongly correlated. Permuting blocks of
-data.shuffle_rows rows (2048 x 257 tokens covers about ten plays) makes each
-batch a sample from many documents, as random windows would, while keeping the
-stream position exact and cheap to restore.
+data.shuffle_tokens // (seq_len + 1) rows makes each batch a sample from many
+documents, as random windows would, while keeping the stream position exact and
+cheap to restore (the default 2^21 tokens, 32 MB, is the whole Shakespeare
+train split; see experiments/LOG.md for what it changes).
 
 Packing (as Llama 3, arXiv:2407.21783 §3.2: attention never crosses a document):
 a row holds consecutive pieces of the document stream; `segment_ids` number them
@@ -38,7 +39,8 @@ index, process count) alone. The iterator's state is a position in the
 process's document stream, `{"document": d, "offset": t, "row": r}`: the block
 of shuffled rows that starts at token t of its d-th document, r of whose rows
 have been emitted (r = 0 and the next row's start without row shuffling).
-JSON-able, independent of batch size and worker count; restoring it
+JSON-able, independent of batch size and worker count (with row shuffling it
+depends on the rows per block, which data.seq_len sets); restoring it
 re-tokenizes the documents of one block and yields exactly the batches the
 interrupted run would have seen.
 """
@@ -66,7 +68,8 @@ _STATE_VERSION = 1
 _TOKENIZERS: dict[str, Tokenizer] = {}  # one tokenizer per (corpus, tokenizer config) and process
 # What a saved position depends on (not seq_len, batch size or worker count, which may change on resume).
 _LAYOUT_HINTS = {
-    "stream": "the same data.dataset, split, tokenizer, seed, data.shuffle and data.shuffle_rows",
+    "stream": "the same data.dataset, split, tokenizer, seed, data.shuffle and rows per shuffled block "
+              "(data.shuffle_tokens // (data.seq_len + 1))",
     "process_count": "the same number of processes (each reads its own documents)",
     "process_index": "the process that saved it: the checkpoint must keep every process's data state",
 }
@@ -324,9 +327,10 @@ class TfdsDataset(Dataset):
         self.vocab_size = self.tokenizer.vocab_size
         self.seq_len, self.seed = d.seq_len, config.seed % 2**32  # grain shuffle seeds are uint32
         self.shuffle, self.workers = bool(d.shuffle and train), d.worker_count if train else 0
-        if not isinstance(d.shuffle_rows, int) or d.shuffle_rows < 0:
-            raise ValueError(f"data.shuffle_rows={d.shuffle_rows!r} must be an integer >= 0 (0 or 1: rows in order)")
-        self.shuffle_rows = d.shuffle_rows if self.shuffle and d.shuffle_rows > 1 else 0
+        if not isinstance(d.shuffle_tokens, int) or d.shuffle_tokens < 0:
+            raise ValueError(f"data.shuffle_tokens={d.shuffle_tokens!r} must be an integer >= 0 (0: rows in order)")
+        rows = d.shuffle_tokens // (d.seq_len + 1)
+        self.shuffle_rows = rows if self.shuffle and rows > 1 else 0
 
     def pipeline(self, global_batch: int, process_index: int = 0, process_count: int = 1,
                  epochs: int | None = None, document: int = 0, offset: int = 0, row: int = 0) -> grain.IterDataset:
@@ -351,7 +355,8 @@ class TfdsDataset(Dataset):
         if self.shuffle_rows:
             packed = RowShuffleIterDataset(packed, self.shuffle_rows, self.seed, row)
         elif row:
-            raise ValueError(f"data iterator state row={row} needs data.shuffle_rows > 1, the setting it was saved with")
+            raise ValueError(f"data iterator state row={row} was saved with row shuffling (data.shuffle_tokens), "
+                             "which this run has off")
         return packed.batch(len(rows), drop_remainder=False).map(lm_batch)
 
     def iterator(self, global_batch: int, process_index: int = 0, process_count: int = 1,
