@@ -154,9 +154,11 @@ def _run(argv: list[str]) -> None:
         raise app.UsageError(f"usage: herd {{{'|'.join(COMMANDS)}}} [--flags]; got {' '.join(argv[1:]) or 'nothing'}")
     from train.mesh import maybe_initialize_distributed
 
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    # JAX reports probing for absent backends ("Unable to initialize backend 'tpu'") at INFO, which absl shows.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     maybe_initialize_distributed()  # before any other JAX call
     _enable_compilation_cache()
-    logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         COMMANDS[argv[1]]()
     except (ValueError, FileNotFoundError, FileExistsError) as e:
