@@ -39,7 +39,13 @@ def einsum(subscripts: str, a: jax.Array, b: jax.Array, out_dtype: jnp.dtype | N
     low = a.dtype == b.dtype and a.dtype != jnp.float32 and jnp.issubdtype(a.dtype, jnp.floating)
     if not low or jax.default_backend() != "cpu":
         return jnp.einsum(subscripts, a, b, preferred_element_type=out_dtype)
-    return _einsum_f32_acc(subscripts.replace(" ", ""), out_dtype, a, b)
+    subscripts = subscripts.replace(" ", "")
+    ins, out = subscripts.split("->")
+    lhs, rhs = ins.split(",")
+    for x, other in ((lhs, rhs), (rhs, lhs)):  # the backward einsums below need every index twice
+        if set(x) - set(other) - set(out):
+            raise ValueError(f"einsum {subscripts!r}: an index of {x!r} is summed out of one operand alone")
+    return _einsum_f32_acc(subscripts, out_dtype, a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -55,9 +61,6 @@ def _einsum_f32_acc_bwd(subscripts, out_dtype, res, g):
     a, b = res
     ins, out = subscripts.split("->")
     lhs, rhs = ins.split(",")
-    for x, other in ((lhs, rhs), (rhs, lhs)):
-        if set(x) - set(other) - set(out):
-            raise ValueError(f"einsum {subscripts!r}: an index of {x!r} is summed out of one operand alone")
     g = g.astype(a.dtype)
     ga = jnp.einsum(f"{out},{rhs}->{lhs}", g, b, preferred_element_type=jnp.float32).astype(a.dtype)
     gb = jnp.einsum(f"{lhs},{out}->{rhs}", a, g, preferred_element_type=jnp.float32).astype(b.dtype)

@@ -159,6 +159,8 @@ def test_low_precision_einsum_accumulates_in_float32_forward_and_backward():
         assert g.dtype == x.dtype and g.shape == x.shape
         assert float(jnp.linalg.norm(g.astype(jnp.float32) - g32) / jnp.linalg.norm(g32)) < 1e-2
     assert _compiled_dot_operand_dtypes(jax.value_and_grad(loss, (0, 1)), a, b) == [("bf16", "bf16")] * 3
+    with pytest.raises(ValueError, match="summed out of one operand alone"):
+        einsum("BTD,DCF->CF", a, b)
 
 
 def test_bf16_training_step_keeps_every_dot_in_bf16(params):
