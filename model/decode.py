@@ -27,73 +27,77 @@ from jax.sharding import PartitionSpec
 from model import axes
 from model.config import ModelConfig
 from model.layers import attend, attention_mask, dtype_of, einsum, rope_tables
-from model.llama import Block, Llama, Params
+from model.llama import Block, Llama, Params, unstack_layers, with_layers
 
 PADDING_SIDES = ("left", "right")
-# Batch and kv heads are split as the attention activations are; layers stay
-# whole (each step reads all of them). Kv heads come before slots so that each
-# (row, head) is one contiguous [S, H] matrix: the attention dots read the cache
-# in place. Slots before heads made XLA:CPU copy every layer's cache into this
-# order on each step, 20-25 % of a decode step (bench/README.md).
-CACHE_AXES = (None, axes.ACT_BATCH, axes.ACT_KV_HEADS, axes.ACT_SEQ, None)
+# Each layer's cache is its own [B, K, S, H] array, split over batch and kv heads
+# as the attention activations are. Kv heads come before slots so that each
+# (row, head) is one contiguous [S, H] matrix the attention dots read in place
+# (slots first made XLA:CPU copy every layer's cache on each step, 20-25 % of a
+# step), and layers are separate arrays rather than one [L, ...] stack, whose
+# per-layer slices XLA copies out on every step (bench/README.md).
+CACHE_AXES = (axes.ACT_BATCH, axes.ACT_KV_HEADS, axes.ACT_SEQ, None)
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer, [L, B, K, S, H], and the slots each row occupies."""
+    """Keys and values, one [B, K, S, H] array per layer, and the slots each row occupies."""
 
-    k_LBKSH: jax.Array
-    v_LBKSH: jax.Array
+    k_BKSH: tuple[jax.Array, ...]
+    v_BKSH: tuple[jax.Array, ...]
     start_B: jax.Array  # int32: first slot of the row's sequence (its position 0)
     end_B: jax.Array  # int32: next slot to write; slots [start, end) are attended to
 
 
-def cache_logical_axes() -> KVCache:
+def cache_logical_axes(n_layers: int) -> KVCache:
     """PartitionSpecs of logical axis names matching `KVCache`, e.g. to build jit out_shardings."""
-    kv = PartitionSpec(*CACHE_AXES)
+    kv = (PartitionSpec(*CACHE_AXES),) * n_layers
     return KVCache(kv, kv, PartitionSpec(axes.ACT_BATCH), PartitionSpec(axes.ACT_BATCH))
 
 
 def _constrain(cache: KVCache) -> KVCache:
     """Applies the cache's logical sharding; a no-op unless logical axis rules are set."""
-    return KVCache(*(nn.with_logical_constraint(x, spec) for x, spec in zip(cache, cache_logical_axes())))
+    specs = cache_logical_axes(len(cache.k_BKSH))
+    return jax.tree.map(nn.with_logical_constraint, cache, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     """An empty cache of `max_len` slots per row, in the compute dtype."""
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_size)
-    zeros = jnp.zeros(shape, dtype_of(cfg.dtype))
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_size)
+    zeros = tuple(jnp.zeros(shape, dtype_of(cfg.dtype)) for _ in range(cfg.n_layers))
     empty_B = jnp.zeros((batch,), jnp.int32)
     return _constrain(KVCache(zeros, zeros, empty_B, empty_B))
 
 
-def _attend_with_cache(
-    q_BTNH: jax.Array,
-    k_BTKH: jax.Array,
-    v_BTKH: jax.Array,
-    k_cache_BKSH: jax.Array,
-    v_cache_BKSH: jax.Array,
-    mask_cache_BTS: jax.Array,
-    mask_new_BTT: jax.Array,
-) -> jax.Array:
-    """`layers.attend` over the cached keys followed by the new ones, without concatenating the cache.
+def decoding_layout(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params]:
+    """The config and parameters with layers unrolled, as the decoder runs them.
 
-    One softmax spans both parts; only the scores are joined, so each step reads
-    the cache once and never copies it.
+    Done once per `stream`: a scanned model's stacked [L, ...] weights would
+    otherwise be sliced (copied) layer by layer inside every compiled step.
+    The unrolled copy of a scanned model's weights lives as long as the stream.
     """
+    if not cfg.scan_layers:
+        return cfg, params
+    unrolled = cfg.replace(scan_layers=False)
+    return unrolled, _unroll(cfg, params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unroll(cfg: ModelConfig, params: Params) -> Params:
+    return with_layers(cfg.replace(scan_layers=False), params, unstack_layers(cfg, params))
+
+
+def _attend_to_cache(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """`layers.attend` over one layer's cache, which already holds the new keys and values."""
     b, t, n, h = q_BTNH.shape
-    k = k_BTKH.shape[2]
-    s = k_cache_BKSH.shape[2]
+    k = k_BKSH.shape[1]
     q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-    old_BKGTS = einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_cache_BKSH, jnp.float32)
-    new_BKGTT = einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BTKH, jnp.float32)
-    scores_BKGTX = jnp.concatenate([old_BKGTS, new_BKGTT], axis=-1) / math.sqrt(h)
-    mask_BTX = jnp.concatenate([mask_cache_BTS, mask_new_BTT], axis=-1)
-    scores_BKGTX = jnp.where(mask_BTX[:, None, None], scores_BKGTX, jnp.finfo(jnp.float32).min)
-    probs_BKGTX = jax.nn.softmax(scores_BKGTX, axis=-1).astype(v_BTKH.dtype)
-    out_BTKGH = einsum("BKGTS,BKSH->BTKGH", probs_BKGTX[..., :s], v_cache_BKSH) + einsum(
-        "BKGTS,BSKH->BTKGH", probs_BKGTX[..., s:], v_BTKH
-    )
-    return out_BTKGH.reshape(b, t, n, h)
+    scores_BKGTS = einsum("BTKGH,BKSH->BKGTS", q_BTKGH, k_BKSH, jnp.float32) / math.sqrt(h)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+    # Rows of probs times the cache, in the order XLA:CPU multiplies fastest: asking for BTKGH
+    # directly made it contract the cache over slots as the left operand, ~4x slower per step.
+    out_BKGTH = einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def _extend(
@@ -108,57 +112,42 @@ def _extend(
     b, t = tokens_BT.shape
     slot_BT = cache.end_B[:, None] + jnp.arange(t, dtype=jnp.int32)
     cos_BTh, sin_BTh = rope_tables(cfg, slot_BT - cache.start_B[:, None])
-    # New keys: causal among themselves and not before the row's start (left padding).
-    index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask_new_BTT = attention_mask(index_BT, index_BT) & (slot_BT >= cache.start_B[:, None])[:, None, :]
-    if not fresh:
-        slot_S = jnp.arange(cache.k_LBKSH.shape[3], dtype=jnp.int32)
-        live_BS = (slot_S >= cache.start_B[:, None]) & (slot_S < cache.end_B[:, None])
-        mask_cache_BTS = jnp.broadcast_to(live_BS[:, None, :], (b, t, slot_S.shape[0]))
+    if fresh:  # new keys: causal among themselves and not before the row's start (left padding)
+        index_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask_BTS = attention_mask(index_BT, index_BT) & (slot_BT >= cache.start_B[:, None])[:, None, :]
+    else:  # the row's live slots up to each new token's own
+        slot_S = jnp.arange(cache.k_BKSH[0].shape[2], dtype=jnp.int32)
+        mask_BTS = (slot_S >= cache.start_B[:, None, None]) & (slot_S <= slot_BT[:, :, None])
+
+    # Each row's new keys and values go to its own slots: a scatter, in place when the cache is
+    # donated. The two index arrays are split by a slice, so their (B, T) dims lead the update.
+    rows_B1 = jnp.arange(b)[:, None]
+
+    def write(cache_BKSH: jax.Array, new_BTKH: jax.Array) -> jax.Array:
+        return cache_BKSH.at[rows_B1, :, slot_BT].set(new_BTKH.astype(cache_BKSH.dtype), mode="drop")
 
     llama, block = Llama(cfg), Block(cfg)
     x_BTD = llama.apply({"params": params}, tokens_BT, method=Llama.embed)
+    k_cache, v_cache = [], []
+    # Layers unrolled whatever cfg.scan_layers says: a scanned step slices (copies) each layer's
+    # weights and cache out of the stacks (`stream` passes unrolled weights, see decoding_layout).
+    for i, p in enumerate(unstack_layers(cfg, params)):
 
-    def layer(x_BTD: jax.Array, p: Params, k_cache_BKSH: jax.Array | None, v_cache_BKSH: jax.Array | None) -> tuple:
-        if fresh:
-            attend_fn = functools.partial(attend, mask_BTS=mask_new_BTT)
-        else:
-            attend_fn = functools.partial(
-                _attend_with_cache,
-                k_cache_BKSH=k_cache_BKSH,
-                v_cache_BKSH=v_cache_BKSH,
-                mask_cache_BTS=mask_cache_BTS,
-                mask_new_BTT=mask_new_BTT,
-            )
-        x_BTD, k_BTKH, v_BTKH = block.apply(
-            {"params": p}, x_BTD, cos_BTh, sin_BTh, attend_fn, method=Block.with_attention
-        )
-        return x_BTD, (k_BTKH, v_BTKH)
+        def attend_fn(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, i: int = i) -> jax.Array:
+            # Written before it is read: reading the old cache and then writing it in place
+            # made XLA copy each layer's cache twice per step.
+            k_cache.append(write(cache.k_BKSH[i], k_BTKH))
+            v_cache.append(write(cache.v_BKSH[i], v_BTKH))
+            if fresh:  # the cache was empty: attend to the new keys alone
+                return attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
+            return _attend_to_cache(q_BTNH, k_cache[i], v_cache[i], mask_BTS)
 
-    cached = (None, None) if fresh else (cache.k_LBKSH, cache.v_LBKSH)
-    if cfg.scan_layers:
-        x_BTD, (k_LBTKH, v_LBTKH) = jax.lax.scan(lambda x, xs: layer(x, *xs), x_BTD, (params["layers"], *cached))
-    else:
-        new = []
-        for i in range(cfg.n_layers):
-            k_i, v_i = (None, None) if fresh else (cache.k_LBKSH[i], cache.v_LBKSH[i])
-            x_BTD, kv = layer(x_BTD, params[f"layers_{i}"], k_i, v_i)
-            new.append(kv)
-        k_LBTKH, v_LBTKH = (jnp.stack(parts) for parts in zip(*new))
+        x_BTD, _, _ = block.apply({"params": p}, x_BTD, cos_BTh, sin_BTh, attend_fn, method=Block.with_attention)
 
-    # Write the new keys and values at each row's own slots (a scatter, in place when the cache is donated).
-    rows_B1 = jnp.arange(b)[:, None]
-    # The two index arrays are split by a slice, so their (B, T) dims lead the updates: [B, T, L, K, H].
-    k_LBKSH = cache.k_LBKSH.at[:, rows_B1, :, slot_BT].set(_rows_first(k_LBTKH, cache.k_LBKSH.dtype), mode="drop")
-    v_LBKSH = cache.v_LBKSH.at[:, rows_B1, :, slot_BT].set(_rows_first(v_LBTKH, cache.v_LBKSH.dtype), mode="drop")
     last_B11 = (n_new_B - 1)[:, None, None]
     x_B1D = jnp.take_along_axis(x_BTD, last_B11, axis=1)
     logits_BV = llama.apply({"params": params}, x_B1D, method=Llama.logits)[:, 0]
-    return logits_BV, _constrain(KVCache(k_LBKSH, v_LBKSH, cache.start_B, cache.end_B + n_new_B))
-
-
-def _rows_first(x_LBTKH: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    return x_LBTKH.transpose(1, 2, 0, 3, 4).astype(dtype)
+    return logits_BV, _constrain(KVCache(tuple(k_cache), tuple(v_cache), cache.start_B, cache.end_B + n_new_B))
 
 
 def prefill(
@@ -380,6 +369,7 @@ def stream(
     # The last sampled token is never fed back, so it needs no slot.
     max_len = tokens_BT.shape[1] + max_new_tokens - 1
     rules = tuple(nn.get_logical_axis_rules())
+    cfg, params = decoding_layout(cfg, params)
     first = functools.partial(_prefill_and_sample, cfg, max_len, padding, temperature == 0, rules, params)
     step = functools.partial(_step_and_sample, cfg, temperature == 0, rules, params)
     return _decode_loop(first(tokens_BT, lengths_B, rng, settings), step, settings, max_new_tokens)

@@ -207,6 +207,12 @@ class Attention(nn.Module):
         return self.project_out(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
 
 
+# Below this many rows (a decode step's batch) the stacked gate+up weight costs more than it saves:
+# stacking copies both weights on every call, and XLA:CPU runs the stacked dot ~4x slower per
+# FLOP at 8 rows than two plain ones (bench/README.md).
+_STACKED_GATE_UP_MIN_ROWS = 256
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward block (arXiv:2002.05202)."""
 
@@ -220,10 +226,14 @@ class MLP(nn.Module):
         w_gate_DF = logical_param(self, "gate", (cfg.d_model, cfg.d_ff), (axes.EMBED, axes.MLP), init)
         w_up_DF = logical_param(self, "up", (cfg.d_model, cfg.d_ff), (axes.EMBED, axes.MLP), init)
         w_down_FD = logical_param(self, "down", (cfg.d_ff, cfg.d_model), (axes.MLP, axes.EMBED), init)
-        # Gate and up as one matmul over a stacked [D, 2, F] weight: one pass over x instead of two
-        # (26 % faster on CPU, bench/README.md); stacking on a new axis keeps F sharded where it was.
-        w_DCF = jnp.stack([w_gate_DF, w_up_DF], axis=1).astype(dt)
-        gate_up_BTCF = einsum("BTD,DCF->BTCF", x_BTD, w_DCF)
-        gate_BTF, up_BTF = gate_up_BTCF[:, :, 0], gate_up_BTCF[:, :, 1]
+        if x_BTD.shape[0] * x_BTD.shape[1] >= _STACKED_GATE_UP_MIN_ROWS:
+            # Gate and up as one matmul over a stacked [D, 2, F] weight: one pass over x instead of two
+            # (26 % faster on CPU, bench/README.md); stacking on a new axis keeps F sharded where it was.
+            w_DCF = jnp.stack([w_gate_DF, w_up_DF], axis=1).astype(dt)
+            gate_up_BTCF = einsum("BTD,DCF->BTCF", x_BTD, w_DCF)
+            gate_BTF, up_BTF = gate_up_BTCF[:, :, 0], gate_up_BTCF[:, :, 1]
+        else:
+            gate_BTF = einsum("BTD,DF->BTF", x_BTD, w_gate_DF.astype(dt))
+            up_BTF = einsum("BTD,DF->BTF", x_BTD, w_up_DF.astype(dt))
         h_BTF = nn.with_logical_constraint(jax.nn.silu(gate_BTF) * up_BTF, (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_MLP))
         return einsum("BTF,FD->BTD", h_BTF, w_down_FD.astype(dt))

@@ -217,8 +217,10 @@ def test_cache_is_sharded_like_attention(models):
     plain = jax.jit(run, static_argnums=0)(tokens.shape[1] + 1)
     with jax.set_mesh(mesh), nn.logical_axis_rules(axes.get_rules("fsdp_tp")):
         sharded = jax.jit(run, static_argnums=0)(tokens.shape[1] + 1)
-    spec = tuple(sharded[2].k_LBKSH.sharding.spec)
-    assert spec + (None,) * (5 - len(spec)) == (None, (axes.DATA, axes.FSDP), axes.TENSOR, None, None)
+    assert len(sharded[2].k_BKSH) == cfg.n_layers
+    for layer in sharded[2].k_BKSH + sharded[2].v_BKSH:
+        spec = tuple(layer.sharding.spec)
+        assert spec + (None,) * (4 - len(spec)) == ((axes.DATA, axes.FSDP), axes.TENSOR, None, None)
     for a, b in zip(plain[:2], sharded[:2]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL)
 

@@ -87,6 +87,23 @@ def test_packed_documents_equal_separate_runs(params):
     np.testing.assert_allclose(logits[:, 7:], fwd(TINY, params, doc_b), atol=1e-5)
 
 
+def test_mlp_gives_the_same_rows_through_the_stacked_and_the_separate_weights(params):
+    """Many rows run gate and up as one stacked matmul, a few rows (a decode step) as two; same values."""
+    from model.layers import _STACKED_GATE_UP_MIN_ROWS, MLP
+
+    rows = _STACKED_GATE_UP_MIN_ROWS
+    mlp = MLP(TINY)
+    p = params["layers"]["mlp"] if TINY.scan_layers else params["layers_0"]["mlp"]
+    p = jax.tree.map(lambda w: w[0], p) if TINY.scan_layers else p
+    x = jax.random.normal(jax.random.key(5), (2, rows // 2, TINY.d_model))
+    whole = mlp.apply({"params": p}, x)  # rows: the stacked matmul
+    parts = [mlp.apply({"params": p}, x[:, i : i + 8]) for i in range(0, rows // 2, 8)]  # 16 rows each
+    hlo_whole = jax.jit(mlp.apply).lower({"params": p}, x).as_text()
+    hlo_part = jax.jit(mlp.apply).lower({"params": p}, x[:, :8]).as_text()
+    assert hlo_whole.count("dot_general") == 2 and hlo_part.count("dot_general") == 3  # the two paths ran
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cfg", [TINY, GQA_31.replace(tie_embeddings=True)], ids=["gqa", "rope31_tied"])
 def test_scan_equals_unrolled(cfg):
     p_scan = init(cfg, jax.random.key(5))
