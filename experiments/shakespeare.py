@@ -48,7 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 4 rows of 256 tokens: at equal tokens, batch 4 reached 0.14 bits per byte lower than batch 8
     # (and batch 2 no lower than 4) for ~15 % fewer tokens/s (experiments/LOG.md, 250-step probes).
     c.train.batch_size = 4
-    c.train.steps = 1400  # a little under ten minutes here at ~2,800 tokens/s
+    # 1,400 steps took 611 s of step time at the 2,535 tokens/s of a fresh-clone `make train` here
+    # (experiments/LOG.md); 1,250 keep ten minutes with a margin for a busier machine.
+    c.train.steps = 1250
 
     c.optimizer.lr = 1.5e-3
     c.optimizer.weight_decay = 0.1
@@ -56,9 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.schedule.warmup_steps = 100
     c.schedule.final_lr_fraction = 0.1
 
-    c.eval.every = 350
+    c.eval.every = 250
     c.eval.batches = 32  # 32 x 4 x 256 = 32,768 tokens, the first rows of the validation split
-    c.checkpoint.every = 350
+    c.checkpoint.every = 250
 
     if arg == "smoke":
         base.apply_smoke(c)
