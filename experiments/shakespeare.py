@@ -13,10 +13,11 @@ batches of 4 rows.
 Command:  make train
   (= herd train --config=experiments/shakespeare.py --workdir=runs/shakespeare,
      then herd eval on the whole validation split, then herd sample)
-Expected runtime: about 9-10 minutes of training on 2 CPU cores; `make train`
-  took 712 s in all on a fresh clone (experiments/LOG.md).
-Target: validation <= 2.1 bits per byte; measured 2.27 on the whole held-out
-  split (experiments/LOG.md, 2026-11-29 evening).
+Expected runtime: about 8.5-10 minutes of training on 2 CPU cores (509 s of
+  steps measured); `make train` took 753 s in all on a fresh clone
+  (experiments/LOG.md).
+Target: validation <= 2.1 bits per byte; measured 2.267 on the whole held-out
+  split (experiments/LOG.md, 2026-11-30 night).
 """
 
 from __future__ import annotations
