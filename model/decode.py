@@ -78,12 +78,12 @@ def decoding_layout(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Para
     if not cfg.scan_layers:
         return cfg, params
     unrolled = cfg.replace(scan_layers=False)
-    return unrolled, _unroll(cfg, params)
+    return unrolled, _relayout(cfg, unrolled, params)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _unroll(cfg: ModelConfig, params: Params) -> Params:
-    return with_layers(cfg.replace(scan_layers=False), params, unstack_layers(cfg, params))
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _relayout(cfg: ModelConfig, to: ModelConfig, params: Params) -> Params:
+    return with_layers(to, params, unstack_layers(cfg, params))
 
 
 def _attend_to_cache(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:

@@ -9,7 +9,6 @@ from flax import linen as nn
 import model
 import model.hf as hf
 from model import axes, decode
-from model.llama import unstack_layers, with_layers
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -81,10 +80,7 @@ def models(tmp_path_factory):
 
 
 def _layout(cfg: model.ModelConfig, params: dict, scan: bool) -> tuple:
-    if scan:
-        return cfg, params
-    unrolled = cfg.replace(scan_layers=False)
-    return unrolled, with_layers(unrolled, params, unstack_layers(cfg, params))
+    return (cfg, params) if scan else decode.decoding_layout(cfg, params)
 
 
 @pytest.mark.parametrize(

@@ -93,8 +93,7 @@ def test_mlp_gives_the_same_rows_through_the_stacked_and_the_separate_weights(pa
 
     rows = _STACKED_GATE_UP_MIN_ROWS
     mlp = MLP(TINY)
-    p = params["layers"]["mlp"] if TINY.scan_layers else params["layers_0"]["mlp"]
-    p = jax.tree.map(lambda w: w[0], p) if TINY.scan_layers else p
+    p = unstack_layers(TINY, params)[0]["mlp"]
     x = jax.random.normal(jax.random.key(5), (2, rows // 2, TINY.d_model))
     whole = mlp.apply({"params": p}, x)  # rows: the stacked matmul
     parts = [mlp.apply({"params": p}, x[:, i : i + 8]) for i in range(0, rows // 2, 8)]  # 16 rows each
