@@ -103,6 +103,22 @@ def test_mlp_gives_the_same_rows_through_the_stacked_and_the_separate_weights(pa
     np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_over_stacked_gate_up_has_the_gradient_of_the_plain_formula(dtype):
+    from model.layers import swiglu_stacked
+
+    gate_up = (3 * jax.random.normal(jax.random.key(1), (2, 5, 2, 7))).astype(dtype)
+    cotangent = jax.random.normal(jax.random.key(2), (2, 5, 7)).astype(dtype)
+    plain = lambda gu: jax.nn.silu(gu[:, :, 0]) * gu[:, :, 1]
+    out, vjp = jax.vjp(swiglu_stacked, gate_up)
+    want_out, want_vjp = jax.vjp(plain, gate_up)
+    (grad,), (want,) = vjp(cotangent), want_vjp(cotangent)
+    assert grad.dtype == dtype and grad.shape == gate_up.shape
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(out), np.float32(want_out), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.float32(grad), np.float32(want), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("cfg", [TINY, GQA_31.replace(tie_embeddings=True)], ids=["gqa", "rope31_tied"])
 def test_scan_equals_unrolled(cfg):
     p_scan = init(cfg, jax.random.key(5))
