@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.z_loss = 0.0  # weight of log(Z)^2 (arXiv:2204.02311 §5)
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "adamw"
+    c.optimizer.name = "adamw"  # adamw | sgd | lion | muon (Muon on hidden matrices, adamw on the rest)
     c.optimizer.lr = 3e-4
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95  # Llama 2 (arXiv:2307.09288 §2.2)
@@ -90,6 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.decay_embeddings = False
     c.optimizer.decay_norms = False
     c.optimizer.grad_clip = 1.0  # global norm; 0 disables
+    c.optimizer.muon_momentum = 0.95  # muon only: Nesterov momentum of the hidden matrices
+    c.optimizer.muon_ns_steps = 5  # muon only: Newton-Schulz iterations per update
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"  # cosine | wsd | constant | inverse_sqrt

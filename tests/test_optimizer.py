@@ -255,6 +255,84 @@ def test_update_on_boxed_params_matches_plain(name: str) -> None:
     jax.tree.map(np.testing.assert_allclose, nn.meta.unbox(u_boxed), u_plain)
 
 
+def as_matrices(u: np.ndarray, dims: Any) -> np.ndarray:
+    """`u` as a stack of (fan_in, fan_out) matrices, per Muon's dimension numbers (other axes stacked)."""
+    axes = lambda a: [a] if isinstance(a, int) else list(a)  # noqa: E731
+    red, out = axes(dims.reduction_axis), axes(dims.output_axis)
+    batch = [a for a in range(u.ndim) if a not in red + out]
+    t = np.transpose(u, batch + red + out)
+    fan_in = int(np.prod([u.shape[a] for a in red]))
+    return t.reshape(-1, fan_in, t.size // fan_in // max(1, int(np.prod([u.shape[a] for a in batch]))))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_grouped_muon_matches_optax_muon_matrix_by_matrix(layout: str) -> None:
+    # Ours batches equal-shaped matrices; optax.contrib's orthogonalises each alone. Three steps, so
+    # the bias-corrected Nesterov momentum is compared too. Only the hidden matrices take part.
+    only_hidden = lambda tx: optax.partition({"muon": tx, "adam": optax.set_to_zero()}, opt._muon_labels)  # noqa: E731
+    ours = only_hidden(opt.scale_by_muon(momentum=0.9, ns_steps=5))
+    reference = only_hidden(
+        optax.contrib.scale_by_muon(beta=0.9, ns_steps=5, weight_dimension_numbers=opt._muon_dims_tree)
+    )
+    params = params_in("plain", layout)
+    rng = np.random.default_rng(2)
+    states = [ours.init(params), reference.init(params)]
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        u_ours, states[0] = jax.jit(ours.update)(grads, states[0])
+        u_ref, states[1] = jax.jit(reference.update)(grads, states[1])
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(u_ours)[0], jax.tree.leaves(u_ref)):
+            dims = opt.muon_dimension_numbers(names_of(path), a.ndim)
+            if dims is None:
+                continue
+            scale = 0.2 * np.sqrt(max(as_matrices(np.asarray(a), dims).shape[1:]))  # ours is AdamW-RMS scaled
+            np.testing.assert_allclose(np.asarray(a) / scale, b, rtol=1e-4, atol=1e-6, err_msg=str(names_of(path)))
+
+
+def test_muon_reads_inputs_as_rows_and_keeps_layers_apart() -> None:
+    dims = lambda *names, ndim: tuple(opt.muon_dimension_numbers(names, ndim))  # noqa: E731
+    # Scanned (layers, embed, heads, head_dim): each layer's embed -> heads x head_dim map.
+    assert dims("layers", "attn", "q", ndim=4) == (1, (2, 3))
+    assert dims("layers_0", "attn", "q", ndim=3) == (0, (1, 2))
+    assert dims("layers", "attn", "o", ndim=4) == ((1, 2), 3)
+    assert dims("layers_3", "mlp", "down", ndim=2) == ((0,), 1)
+    assert dims("layers", "mlp", "gate", ndim=3) == (1, (2,))
+    for names in (("embedding",), ("lm_head",), ("layers", "attn_norm", "scale"), ("final_norm", "scale")):
+        assert opt.muon_dimension_numbers(names, 2) is None
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_muon_orthogonalises_each_hidden_matrix_and_gives_the_rest_to_adamw(layout: str) -> None:
+    overrides = {"optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0}
+    muon_tx, _ = opt.build_optimizer(optimizer_config("muon", **overrides))
+    adamw_tx, _ = opt.build_optimizer(optimizer_config("adamw", **overrides))
+    params = params_in("plain", layout)
+    rng = np.random.default_rng(1)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    ours, reference = first_update(muon_tx, grads, params), first_update(adamw_tx, grads, params)
+    orthogonalised = set()
+    for (path, u), r, g in zip(
+        jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(reference), jax.tree.leaves(grads)
+    ):
+        names = names_of(path)
+        dims = opt.muon_dimension_numbers(names, u.ndim)
+        if dims is None:  # embedding, lm_head, norm scales: exactly the adamw optimizer's update
+            np.testing.assert_allclose(u, r, rtol=1e-6, err_msg=str(names))
+            continue
+        orthogonalised.add(names[-1])
+        for m, gm in zip(as_matrices(np.asarray(u), dims), as_matrices(np.asarray(g), dims)):
+            scale = LR * 0.2 * np.sqrt(max(m.shape))  # AdamW-like RMS 0.2 (arXiv:2502.16982)
+            sv = np.linalg.svd(m / scale, compute_uv=False)
+            assert 0.5 < np.median(sv) < 1.2 and sv.max() < 1.3, (names, sv.min(), np.median(sv), sv.max())
+            # The direction is the polar factor of this matrix's gradient (first step: momentum = gradient),
+            # descending: -U V^T.
+            left, _, right = np.linalg.svd(gm, full_matrices=False)
+            polar = -(left @ right)
+            cosine = np.sum(m * polar) / (np.linalg.norm(m) * np.linalg.norm(polar))
+            assert cosine > 0.95, (names, cosine)
+    assert orthogonalised == {"q", "k", "v", "o", "gate", "up", "down"}
+
+
 # ----------------------------------------------------------------------------- validation
 
 BAD_CONFIGS = {
@@ -281,6 +359,14 @@ BAD_CONFIGS = {
     "b1 of one": ({"optimizer.b1": 1.0}, ["optimizer.b1=1.0"]),
     "negative b2": ({"optimizer.b2": -0.5}, ["optimizer.b2=-0.5"]),
     "negative eps": ({"optimizer.eps": -1e-8}, ["optimizer.eps=-1e-08"]),
+    "muon momentum of one": (
+        {"optimizer.name": "muon", "optimizer.muon_momentum": 1.0},
+        ["optimizer.muon_momentum=1.0", "[0.0, 1.0)"],
+    ),
+    "muon without newton-schulz steps": (
+        {"optimizer.name": "muon", "optimizer.muon_ns_steps": 0},
+        ["optimizer.muon_ns_steps=0", "positive integer"],
+    ),
     "wsd warmup into decay": (
         {"schedule.name": "wsd", "schedule.warmup_steps": 900, "train.steps": 1000, "schedule.decay_fraction": 0.2},
         ["schedule.warmup_steps=900", "wsd decay", "800"],

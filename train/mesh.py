@@ -84,9 +84,14 @@ def shardings_for(abstract_boxed: Any, mesh: Mesh, rules: axes.Rules) -> Any:
     The result has the structure of the unboxed tree.
     """
 
-    def one(leaf: Any) -> NamedSharding:
+    def one(leaf: Any) -> Any:
         if isinstance(leaf, nn.meta.AxisMetadata):
-            return NamedSharding(mesh, _physical_spec(leaf.names, leaf.unbox().shape, mesh, rules))
+            value = leaf.unbox()
+            if not jax.tree.leaves(value):
+                # A box around an empty node: optax.partition's placeholder (MaskedNode) for the
+                # parameters another optimizer owns. It holds no array, so it stays as it is.
+                return value
+            return NamedSharding(mesh, _physical_spec(leaf.names, value.shape, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
