@@ -260,9 +260,9 @@ def as_matrices(u: np.ndarray, dims: Any) -> np.ndarray:
     axes = lambda a: [a] if isinstance(a, int) else list(a)  # noqa: E731
     red, out = axes(dims.reduction_axis), axes(dims.output_axis)
     batch = [a for a in range(u.ndim) if a not in red + out]
-    t = np.transpose(u, batch + red + out)
+    stacked = int(np.prod([u.shape[a] for a in batch]))  # 1 when there is no batch axis
     fan_in = int(np.prod([u.shape[a] for a in red]))
-    return t.reshape(-1, fan_in, t.size // fan_in // max(1, int(np.prod([u.shape[a] for a in batch]))))
+    return np.transpose(u, batch + red + out).reshape(stacked, fan_in, -1)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

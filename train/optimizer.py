@@ -257,7 +257,7 @@ def scale_by_muon(momentum: float, ns_steps: int, rms: float = 0.2) -> optax.Gra
     are orthogonalised together, as one batch: at the default experiment's size
     the 28 hidden matrices become three batched Newton-Schulz chains, which took
     Muon's step from ~1.5x AdamW's (one chain per matrix) to ~1.4x here
-    (bench/README.md, "Muon"). Each orthogonalised update is scaled by
+    (bench/README.md, `optimizer_step.py`). Each orthogonalised update is scaled by
     `rms * sqrt(max(fan_in, fan_out))`: an orthogonal m x n matrix has RMS
     1/sqrt(max(m, n)) and AdamW's updates have RMS ~0.2, so `rms=0.2` lets
     Muon reuse AdamW's learning rate and weight decay (Liu et al., "Muon is
