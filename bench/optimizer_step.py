@@ -1,15 +1,17 @@
 """What an optimizer costs per train step: herd's jitted step with each optimizer, in the same process.
 
-Every variant trains the experiment's model on the same synthetic batch (one
-device, float32); rounds of `--steps` steps alternate between the variants and
+Every variant trains the experiment's model (its dtype) on the same synthetic
+batch on one device; rounds of `--steps` steps alternate between the variants and
 the median round counts. The ratio is each variant's step time over the first
 variant's (the reference, adamw by default), so a shared, noisy machine
 affects both sides alike.
 
     PYTHONPATH=. python bench/optimizer_step.py                       # the default experiment
     PYTHONPATH=. python bench/optimizer_step.py --variants=adamw,muon:5,muon:3,sgd
+    PYTHONPATH=. python bench/optimizer_step.py --variants=adamw,muon:3:float32,muon:3:bfloat16
 
-A variant is `name[:ns_steps]`; `muon:3` is Muon with three Newton-Schulz steps.
+A variant is `name[:ns_steps[:ns_dtype]]`; `muon:3` is Muon with three Newton-Schulz
+steps, `muon:3:float32` the same with float32 iterates; unset parts keep the experiment's.
 Like the `herd` CLI on CPU, it restarts itself with glibc's malloc tuned. The
 last stdout line is one JSON object with every figure. See bench/README.md.
 """
@@ -46,14 +48,19 @@ config_flags.DEFINE_config_file(
     "Experiment whose model, batch and optimizer settings to use.",
     lock_config=True,
 )
-flags.DEFINE_list("variants", ["adamw", "muon", "muon:3"], "optimizer[:muon_ns_steps]; the first is the reference.")
+flags.DEFINE_list(
+    "variants", ["adamw", "muon:3:float32", "muon:3:bfloat16"],
+    "optimizer[:muon_ns_steps[:muon_ns_dtype]]; the first is the reference.",
+)
 flags.DEFINE_integer("steps", 10, "Timed steps per round, per variant.")
 flags.DEFINE_integer("rounds", 5, "Alternating timed rounds per variant; the median round counts.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps per variant after the first (compiling) step.")
 
 
 def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-    name, _, ns = variant.partition(":")
+    name, ns, ns_dtype = (variant.split(":") + ["", ""])[:3]
+    if variant.count(":") > 2:
+        raise app.UsageError(f"--variants: {variant!r} has more than three parts: name[:ns_steps[:ns_dtype]]")
     if name not in OPTIMIZERS:
         raise app.UsageError(f"--variants: {name!r} is not one of: {', '.join(OPTIMIZERS)}")
     c = config.copy_and_resolve_references()
@@ -62,6 +69,10 @@ def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collec
         if not ns.isdigit() or int(ns) < 1:
             raise app.UsageError(f"--variants: {variant!r}: the Newton-Schulz steps must be a positive integer")
         c.optimizer.muon_ns_steps = int(ns)
+    if ns_dtype:
+        if ns_dtype not in ("float32", "bfloat16"):
+            raise app.UsageError(f"--variants: {variant!r}: the Newton-Schulz dtype must be float32 or bfloat16")
+        c.optimizer.muon_ns_dtype = ns_dtype
     if c.model.vocab_size is None and c.data.tokenizer.name == "sentencepiece" and c.data.tokenizer.path is None:
         c.model.vocab_size = int(c.data.tokenizer.vocab_size)
     c.data.source = "synthetic_random"  # nothing read from disk; the step is what is timed

@@ -26,6 +26,7 @@ MODEL_OVERRIDES = {
     "norm_eps": float,
     "tie_embeddings": bool,
     "init_std": float,
+    "zero_init_outputs": bool,
     "scan_layers": bool,
     "remat_policy": str,
     "param_dtype": str,
@@ -92,6 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.grad_clip = 1.0  # global norm; 0 disables
     c.optimizer.muon_momentum = 0.95  # muon only: Nesterov momentum of the hidden matrices
     c.optimizer.muon_ns_steps = 5  # muon only: Newton-Schulz iterations per update
+    c.optimizer.muon_ns_dtype = "float32"  # muon only: float32 | bfloat16 Newton-Schulz iterates (f32 accumulation)
+    c.optimizer.muon_adam_lr_multiplier = 1.0  # muon only: lr of the AdamW part (embedding, head, norms) / lr
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"  # cosine | wsd | constant | inverse_sqrt

@@ -46,6 +46,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Start the residual branches' output projections (attention o, MLP down) and an untied
+    # output head at zero, so each block begins as the identity and the first logits are
+    # uniform (Fixup, arXiv:1901.09321; modded-nanogpt). The rest keeps init_std.
+    zero_init_outputs: bool = False
     # Implementation choices: they never change the function computed.
     scan_layers: bool = True
     remat_policy: str = "none"

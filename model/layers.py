@@ -74,6 +74,11 @@ def init_normal(std: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=std)
 
 
+def output_init(cfg: ModelConfig) -> nn.initializers.Initializer:
+    """The initializer of a projection that writes into the residual stream or the logits."""
+    return nn.initializers.zeros if cfg.zero_init_outputs else init_normal(cfg.init_std)
+
+
 def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init) -> jax.Array:
     """Declares a parameter with logical axis names, stored in param_dtype."""
     cfg: ModelConfig = module.cfg
@@ -180,7 +185,7 @@ class Attention(nn.Module):
         self.wq_DNH = logical_param(self, "q", (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), init)
         self.wk_DKH = logical_param(self, "k", (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), init)
         self.wv_DKH = logical_param(self, "v", (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), init)
-        self.wo_NHD = logical_param(self, "o", (n, h, d), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), init)
+        self.wo_NHD = logical_param(self, "o", (n, h, d), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), output_init(cfg))
 
     def project_qkv(
         self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array
@@ -250,7 +255,7 @@ class MLP(nn.Module):
         dt = dtype_of(cfg.dtype)
         w_gate_DF = logical_param(self, "gate", (cfg.d_model, cfg.d_ff), (axes.EMBED, axes.MLP), init)
         w_up_DF = logical_param(self, "up", (cfg.d_model, cfg.d_ff), (axes.EMBED, axes.MLP), init)
-        w_down_FD = logical_param(self, "down", (cfg.d_ff, cfg.d_model), (axes.MLP, axes.EMBED), init)
+        w_down_FD = logical_param(self, "down", (cfg.d_ff, cfg.d_model), (axes.MLP, axes.EMBED), output_init(cfg))
         if x_BTD.shape[0] * x_BTD.shape[1] >= _STACKED_GATE_UP_MIN_ROWS:
             # Gate and up as one matmul over a stacked [D, 2, F] weight: one pass over x instead of two
             # (26 % faster on CPU, bench/README.md); stacking on a new axis keeps F sharded where it was.

@@ -21,6 +21,7 @@ from model.layers import (
     einsum,
     init_normal,
     logical_param,
+    output_init,
     rope_tables,
 )
 
@@ -97,7 +98,9 @@ class Llama(nn.Module):
             self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = RMSNorm(cfg, name="final_norm")
         if not cfg.tie_embeddings:
-            self.lm_head_DV = logical_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), init)
+            self.lm_head_DV = logical_param(
+                self, "lm_head", (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), output_init(cfg)
+            )
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         x_BTD = jnp.take(self.embedding_VD, tokens_BT, axis=0).astype(dtype_of(self.cfg.dtype))

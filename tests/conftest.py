@@ -1,6 +1,7 @@
 """Test-wide set-up: eight fake CPU devices for the sharding tests."""
 
 import os
+import re
 
 # Must happen before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -32,3 +33,21 @@ def _compilation_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _dot_operand_dtypes(fn, *args) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in the optimized HLO of jit(fn)(*args)."""
+    import jax
+
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", text))
+    return [(types[a], types[b]) for a, b in re.findall(r"= \S+ dot\(%([\w.\-]+), %([\w.\-]+)\)", text)]
+
+
+@pytest.fixture
+def dot_operand_dtypes():
+    """`f(fn, *args)`: the operand element types of each dot XLA compiles for jit(fn)(*args).
+
+    XLA:CPU runs a dot on its bf16 kernels only when both operands are bf16.
+    """
+    return _dot_operand_dtypes

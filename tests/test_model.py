@@ -164,14 +164,7 @@ def test_bf16_compute_close_to_float32(params):
     assert float(jnp.abs(probs_ref - probs_low).max()) < 2e-2
 
 
-def _compiled_dot_operand_dtypes(fn, *args) -> list[tuple[str, str]]:
-    """(lhs, rhs) element types of every dot in the optimized HLO of jit(fn)(*args)."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
-    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", text))
-    return [(types[a], types[b]) for a, b in re.findall(r"= \S+ dot\(%([\w.\-]+), %([\w.\-]+)\)", text)]
-
-
-def test_low_precision_einsum_accumulates_in_float32_forward_and_backward():
+def test_low_precision_einsum_accumulates_in_float32_forward_and_backward(dot_operand_dtypes):
     a = jax.random.normal(jax.random.key(0), (3, 5, 64)).astype(jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (64, 2, 7)).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(2), (3, 5, 2, 7))
@@ -190,12 +183,12 @@ def test_low_precision_einsum_accumulates_in_float32_forward_and_backward():
     for g, g32, x in zip(grads, grads32, (a, b)):
         assert g.dtype == x.dtype and g.shape == x.shape
         assert float(jnp.linalg.norm(g.astype(jnp.float32) - g32) / jnp.linalg.norm(g32)) < 1e-2
-    assert _compiled_dot_operand_dtypes(jax.value_and_grad(loss, (0, 1)), a, b) == [("bf16", "bf16")] * 3
+    assert dot_operand_dtypes(jax.value_and_grad(loss, (0, 1)), a, b) == [("bf16", "bf16")] * 3
     with pytest.raises(ValueError, match="summed out of one operand alone"):
         einsum("BTD,DCF->CF", a, b)
 
 
-def test_bf16_training_step_keeps_every_dot_in_bf16(params):
+def test_bf16_training_step_keeps_every_dot_in_bf16(params, dot_operand_dtypes):
     # XLA:CPU runs a dot in bf16 only when both operands are bf16; a float32
     # operand (or a bf16 -> bf16 dot, which it upcasts) runs at half the rate.
     cfg, toks = TINY.replace(dtype="bfloat16"), _tokens(2, 16)
@@ -203,9 +196,9 @@ def test_bf16_training_step_keeps_every_dot_in_bf16(params):
     def loss(p):
         return jnp.mean(model.forward(cfg, p, toks))
 
-    dtypes = _compiled_dot_operand_dtypes(jax.grad(loss), params)
+    dtypes = dot_operand_dtypes(jax.grad(loss), params)
     assert len(dtypes) > 20 and set(dtypes) == {("bf16", "bf16")}, dtypes
-    assert set(_compiled_dot_operand_dtypes(jax.grad(lambda p: jnp.mean(model.forward(TINY, p, toks))), params)) == {
+    assert set(dot_operand_dtypes(jax.grad(lambda p: jnp.mean(model.forward(TINY, p, toks))), params)) == {
         ("f32", "f32")
     }
 
@@ -213,6 +206,25 @@ def test_bf16_training_step_keeps_every_dot_in_bf16(params):
 def test_bf16_parameters_are_stored_in_bf16():
     p = jax.eval_shape(init, TINY.replace(param_dtype="bfloat16", dtype="bfloat16"), jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves(p)} == {jnp.dtype("bfloat16")}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_zero_init_outputs_zeroes_only_the_output_projections(params, tied):
+    cfg = TINY.replace(zero_init_outputs=True, tie_embeddings=tied)
+    zeroed = init(cfg, jax.random.key(0))
+    reference = params if not tied else init(TINY.replace(tie_embeddings=True), jax.random.key(0))
+    outputs = {"o", "down", "lm_head"}
+    for (path, z), r in zip(jax.tree_util.tree_flatten_with_path(zeroed)[0], jax.tree.leaves(reference)):
+        name = path[-1].key
+        if name in outputs:
+            assert not np.any(np.asarray(z)), name
+        else:  # the same draw as without the flag
+            np.testing.assert_array_equal(z, r, err_msg=name)
+    logits = fwd(cfg, zeroed, _tokens(2, 16))
+    if tied:  # the embedding doubles as the head and keeps its init
+        assert float(jnp.std(logits)) > 0
+    else:  # every block starts as the identity, every next token is equally likely
+        np.testing.assert_array_equal(logits, jnp.zeros_like(logits))
 
 
 def test_rope_scaling_changes_only_low_frequencies():

@@ -333,6 +333,33 @@ def test_muon_orthogonalises_each_hidden_matrix_and_gives_the_rest_to_adamw(layo
     assert orthogonalised == {"q", "k", "v", "o", "gate", "up", "down"}
 
 
+def test_muon_adam_lr_multiplier_scales_only_the_adamw_part() -> None:
+    params = params_in("plain", "unrolled")
+    rng = np.random.default_rng(2)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    updates = {}
+    for multiplier in (1.0, 3.0):
+        tx, _ = opt.build_optimizer(optimizer_config("muon", **{"optimizer.muon_adam_lr_multiplier": multiplier}))
+        updates[multiplier] = first_update(tx, grads, params)
+    for (path, one), three in zip(jax.tree_util.tree_flatten_with_path(updates[1.0])[0], jax.tree.leaves(updates[3.0])):
+        names = names_of(path)
+        hidden = opt.muon_dimension_numbers(names, one.ndim) is not None
+        np.testing.assert_allclose(three, one if hidden else 3.0 * one, rtol=1e-5, atol=1e-9, err_msg=str(names))
+
+
+def test_bfloat16_newton_schulz_runs_bf16_dots_and_stays_close_to_float32(dot_operand_dtypes) -> None:
+    x_BMN = jax.random.normal(jax.random.key(0), (3, 64, 192))
+    ns = {dt: jax.jit(functools.partial(opt.newton_schulz, steps=5, dtype=dt)) for dt in (jnp.float32, jnp.bfloat16)}
+    full, low = np.asarray(ns[jnp.float32](x_BMN)), np.asarray(ns[jnp.bfloat16](x_BMN))
+    assert low.dtype == np.float32
+    for m_low, m_full in zip(low, full):  # bf16 rounding moves each entry a little, not the direction
+        assert np.sum(m_low * m_full) / (np.linalg.norm(m_low) * np.linalg.norm(m_full)) > 0.995
+    sv = np.linalg.svd(low, compute_uv=False)
+    assert 0.6 < sv.min() and sv.max() < 1.3, (sv.min(), sv.max())
+    assert set(dot_operand_dtypes(ns[jnp.bfloat16], x_BMN)) == {("bf16", "bf16")}
+    assert set(dot_operand_dtypes(ns[jnp.float32], x_BMN)) == {("f32", "f32")}
+
+
 # ----------------------------------------------------------------------------- validation
 
 BAD_CONFIGS = {
@@ -366,6 +393,14 @@ BAD_CONFIGS = {
     "muon without newton-schulz steps": (
         {"optimizer.name": "muon", "optimizer.muon_ns_steps": 0},
         ["optimizer.muon_ns_steps=0", "positive integer"],
+    ),
+    "muon newton-schulz dtype": (
+        {"optimizer.name": "muon", "optimizer.muon_ns_dtype": "float16"},
+        ["optimizer.muon_ns_dtype='float16'", "float32, bfloat16"],
+    ),
+    "muon adam lr multiplier of zero": (
+        {"optimizer.name": "muon", "optimizer.muon_adam_lr_multiplier": 0.0},
+        ["optimizer.muon_adam_lr_multiplier=0.0", "(0.0, inf)"],
     ),
     "wsd warmup into decay": (
         {"schedule.name": "wsd", "schedule.warmup_steps": 900, "train.steps": 1000, "schedule.decay_fraction": 0.2},
