@@ -15,9 +15,9 @@ batches of 8 rows.
 Command:  make train
   (= herd train --config=experiments/shakespeare.py --workdir=runs/shakespeare,
      then herd eval on the whole validation split, then herd sample)
-Expected runtime: about 8 minutes of training on 2 CPU cores (473 s measured:
-  459 s of steps, 22 s of it the first step's compile); `make train` took 771 s
-  on a fresh clone with 2,800 steps (experiments/LOG.md, 2026-11-30 late morning).
+Expected runtime: about 8 minutes of training on 2 CPU cores (473-514 s measured,
+  ~20 s of it the first step's compile); `make train` took 724 s on a fresh
+  clone, install included (experiments/LOG.md, 2026-11-30 late morning).
 Target: validation <= 2.1 bits per byte; measured 2.087 on the whole held-out
   split (2,800 steps: 2.086 in 543 s of training; float32 AdamW: 2.171).
 """
