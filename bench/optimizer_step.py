@@ -69,9 +69,7 @@ def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collec
         if not ns.isdigit() or int(ns) < 1:
             raise app.UsageError(f"--variants: {variant!r}: the Newton-Schulz steps must be a positive integer")
         c.optimizer.muon_ns_steps = int(ns)
-    if ns_dtype:
-        if ns_dtype not in ("float32", "bfloat16"):
-            raise app.UsageError(f"--variants: {variant!r}: the Newton-Schulz dtype must be float32 or bfloat16")
+    if ns_dtype:  # checked with the other optimizer fields when the Trainer is built
         c.optimizer.muon_ns_dtype = ns_dtype
     if c.model.vocab_size is None and c.data.tokenizer.name == "sentencepiece" and c.data.tokenizer.path is None:
         c.model.vocab_size = int(c.data.tokenizer.vocab_size)

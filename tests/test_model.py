@@ -1,7 +1,6 @@
 """Model invariants: shapes, causality, document masking, layouts, numerics, configs, counts."""
 
 import functools
-import re
 
 import flax.linen as nn
 import jax
