@@ -7,43 +7,42 @@ train step on one fixed batch (unless `--train_tokens_per_sec` gives it); the
 target is a ratio of at least 20, so data loading never shows up in step time.
 
 Run:
-    PYTHONPATH=. python bench/data_throughput.py [--data_dir=/tmp/tfds] [--worker_count=0]
+    python bench/data_throughput.py [--data_dir=/tmp/tfds] [--worker_count=0]
 
 Prints one line per measurement and a final JSON record; exits 1 if the ratio is under 20.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-from typing import Any
+import common  # noqa: F401  (first: environment and sys.path)
 
-import jax
-import ml_collections
-import numpy as np
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
 
-from experiments.base import get_config
-from train.data import build_dataset
-from train.loop import Trainer, to_global
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from train.config import apply_overrides, defaults  # noqa: E402
+from train.data import build_dataset  # noqa: E402
 
 TARGET_RATIO = 20.0
 
 
 def bench_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The baseline experiment reading Shakespeare through the tfds pipeline."""
-    c = get_config()
-    c.data.source = "tfds"
-    c.data.dataset = "shakespeare_works"
-    c.data.data_dir = args.data_dir
-    c.data.seq_len = args.seq_len
-    c.data.worker_count = args.worker_count
-    c.data.tokenizer.name = "sentencepiece"
-    c.data.tokenizer.vocab_size = args.vocab_size
-    c.train.batch_size = args.batch_size
-    c.log.peak_flops = 1e12  # not used here; skips measuring the matmul peak
-    return c
+    return apply_overrides(defaults(), {
+        "data.source": "tfds",
+        "data.dataset": "shakespeare_works",
+        "data.data_dir": args.data_dir,
+        "data.seq_len": args.seq_len,
+        "data.worker_count": args.worker_count,
+        "data.tokenizer.name": "sentencepiece",
+        "data.tokenizer.vocab_size": args.vocab_size,
+        "train.batch_size": args.batch_size,
+    })
 
 
 def pipeline_rate(config: ml_collections.ConfigDict, seconds: float) -> dict[str, Any]:
@@ -68,20 +67,17 @@ def pipeline_rate(config: ml_collections.ConfigDict, seconds: float) -> dict[str
 
 def train_rate(config: ml_collections.ConfigDict, seconds: float) -> dict[str, Any]:
     """Tokens per second that jitted train steps consume (on all local devices), after compiling."""
-    trainer = Trainer(config)
-    state = trainer.initial_state()
-    batch = to_global(next(trainer.batches(trainer.train_data)), trainer.batch_shardings)
-    state, metrics = trainer.train_step(state, batch)
-    jax.block_until_ready(metrics)
+    stepper = common.Stepper(config)
+    stepper.run(1)  # compile
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        state, metrics = trainer.train_step(state, batch)
+        stepper.step()
         steps += 1
-    jax.block_until_ready(metrics)
+    stepper.sync()
     elapsed = time.perf_counter() - start
     tokens = steps * config.train.batch_size * config.data.seq_len
-    return {"steps": steps, "tokens_per_sec": tokens / elapsed, "model": trainer.model_cfg.to_dict(),
-            "devices": f"{len(trainer.mesh.devices.flat)} x {jax.devices()[0].device_kind}"}
+    return {"steps": steps, "tokens_per_sec": tokens / elapsed, "model": stepper.model_cfg.to_dict(),
+            "devices": f"{stepper.runtime.mesh.size} x {jax.devices()[0].device_kind}"}
 
 
 def main(argv: list[str]) -> int:
@@ -109,9 +105,8 @@ def main(argv: list[str]) -> int:
     ratio = data["tokens_per_sec"] / train["tokens_per_sec"]
     met = ratio >= TARGET_RATIO
     print(f"ratio: {ratio:,.1f}x (target >= {TARGET_RATIO:.0f}x: {'met' if met else 'NOT met'})")
-    record = {"args": vars(args), "pipeline": data, "train": train, "ratio": ratio, "target": TARGET_RATIO,
-              "backend": jax.default_backend(), "numpy": np.__version__}
-    print(json.dumps(record, default=str))
+    common.emit(common.record("data_throughput", args=vars(args), pipeline=data, train=train, ratio=ratio,
+                              target=TARGET_RATIO, backend=jax.default_backend(), numpy=np.__version__))
     return 0 if met else 1
 
 

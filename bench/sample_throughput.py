@@ -1,11 +1,11 @@
-"""Sampling throughput on CPU: herd's KV-cache `decode.generate` against transformers `generate`, in the same run.
+"""Sampling throughput on CPU: herd's KV-cache `generate.generate` against transformers `generate`, in the same run.
 
 Both sides decode the *same* model (our random initial parameters, exported
 with `model.hf.save` and loaded by `transformers.LlamaForCausalLM` in float32)
 from the same left-padded batch of prompts of different lengths, greedily, for
 exactly `--new_tokens` tokens per row (no stop token):
 
-  herd       decode.generate(cfg, params, prompts, max_new_tokens=N, rng=..., temperature=0)
+  herd       generate.generate(cfg, params, prompts, max_new_tokens=N, rng=..., temperature=0)
              (one jitted prefill + one jitted decode step, reused for every token)
   reference  model.generate(input_ids, attention_mask, do_sample=False, use_cache=True,
              max_new_tokens=N, min_new_tokens=N, eos_token_id=None)  under torch.inference_mode()
@@ -18,48 +18,39 @@ warmed up (our compile is excluded and reported separately), then
 `--rounds` alternating rounds time one full `generate` call of each; the median
 round counts. Throughput is new tokens per second, batch * new_tokens / time
 (prefill included). Our prefill time (to the first token, read through
-`decode.stream`) is reported beside it. The greedy tokens of the two sides are
+`generate.stream`) is reported beside it. The greedy tokens of the two sides are
 compared token by token; on random weights two logits can be near-ties, so a
 rare divergence (after which a row's continuation differs) is reported, not
 treated as an error.
 
-    PYTHONPATH=. python bench/sample_throughput.py
-    PYTHONPATH=. python bench/sample_throughput.py --batch=1 --new_tokens=64 --reference_attn=eager
+    python bench/sample_throughput.py
+    python bench/sample_throughput.py --batch=1 --new_tokens=64 --reference_attn=eager
 
 The last stdout line is one JSON object with every figure; `--out FILE` appends it to FILE.
 """
 
 from __future__ import annotations
 
-import os
+import common  # noqa: F401  (first: environment and sys.path)
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import datetime  # noqa: E402
-import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
-
-if __package__ in (None, ""):  # `python bench/sample_throughput.py` without PYTHONPATH
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from model import decode  # noqa: E402
+from model import generate as gen  # noqa: E402
 from model import hf as hf_lib  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.llama import init_params  # noqa: E402
-from train.malloc import tune_malloc  # noqa: E402
 
 FLAGS = flags.FLAGS
-# The default experiment's model shape (the "small" variant: a small Llama 3 architecture model).
+# A small Llama 3 architecture model (the "small" variant's shape).
 SHAPE_FLAGS = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704, vocab=2048, max_seq_len=512)
 for _name, _default in SHAPE_FLAGS.items():
     flags.DEFINE_integer(_name, _default, f"Model shape. Default {_default}.")
@@ -90,13 +81,6 @@ flags.DEFINE_string("out", None, "Also append the JSON result line to this file.
 PAD_ID = 0
 
 
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def make_prompts(vocab: int, batch: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     """`batch` random prompts with lengths spread evenly over [lo, hi]; ids avoid the pad id."""
     rng = np.random.default_rng(seed)
@@ -105,20 +89,20 @@ def make_prompts(vocab: int, batch: int, lo: int, hi: int, seed: int) -> list[li
 
 
 class Ours:
-    """herd's `decode.generate` (greedy) on the default JAX CPU device."""
+    """herd's `generate.generate` (greedy) on the default JAX CPU device."""
 
     def __init__(self, cfg: ModelConfig, params: Any, prompts: list[list[int]], new_tokens: int):
         self.cfg, self.params, self.prompts, self.new = cfg, params, prompts, new_tokens
         self.rng = jax.random.key(0)
 
     def generate(self) -> list[list[int]]:
-        return decode.generate(self.cfg, self.params, self.prompts, max_new_tokens=self.new, rng=self.rng,
+        return gen.generate(self.cfg, self.params, self.prompts, max_new_tokens=self.new, rng=self.rng,
                                temperature=0.0, pad_id=PAD_ID, padding="left")
 
     def prefill_s(self) -> float:
         """Seconds from the call to the first token on the host (the prefill and its sampling), via `stream`."""
         t0 = time.perf_counter()
-        it = decode.stream(self.cfg, self.params, self.prompts, max_new_tokens=self.new, rng=self.rng, pad_id=PAD_ID)
+        it = gen.stream(self.cfg, self.params, self.prompts, max_new_tokens=self.new, rng=self.rng, pad_id=PAD_ID)
         next(it)
         elapsed = time.perf_counter() - t0
         for _ in it:  # drain, so the next measurement starts idle
@@ -141,7 +125,7 @@ class Reference:
         import torch
 
         self.torch, self.model, self.threads = torch, model, threads
-        tokens, lengths = decode.pad_prompts(prompts, PAD_ID, "left")
+        tokens, lengths = gen.pad_prompts(prompts, PAD_ID, "left")
         mask = np.arange(tokens.shape[1])[None] >= (tokens.shape[1] - lengths)[:, None]
         self.input_ids = torch.as_tensor(tokens, dtype=torch.long)
         self.attention_mask = torch.as_tensor(mask, dtype=torch.long)
@@ -189,15 +173,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not 1 <= FLAGS.min_prompt <= FLAGS.max_prompt:
         raise app.UsageError(f"need 1 <= --min_prompt ({FLAGS.min_prompt}) <= --max_prompt ({FLAGS.max_prompt})")
-    os.environ["HERD_MALLOC"] = FLAGS.malloc
-    tune_malloc()  # restarts this process when --malloc=tuned and GLIBC_TUNABLES lacks the setting
+    common.restart_with_malloc(FLAGS.malloc)  # restarts this process when tuned and GLIBC_TUNABLES lacks it
     import torch
     import transformers
 
     threads = FLAGS.threads or len(os.sched_getaffinity(0))
     log = lambda s: print(s, flush=True)  # noqa: E731
     device = jax.devices()[0]
-    load_before = load_average()
+    load_before = common.load_average()
     log(f"herd vs transformers {transformers.__version__} / torch {torch.__version__} on "
         f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} "
         f"usable); torch threads {threads}; jax {jax.__version__} on {device}; "
@@ -244,56 +227,53 @@ def main(argv: list[str]) -> None:
     for _ in range(FLAGS.warmup):
         ours.generate()
         ref.generate()
-    sides: dict[str, Callable[[], Any]] = {"ours": ours.generate, "reference": ref.generate}
-    rounds: dict[str, list[float]] = {"ours": [], "reference": []}
-    util: dict[str, list[float]] = {"ours": [], "reference": []}
     prefill: list[float] = []
-    for r in range(FLAGS.rounds):
-        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
-        for name in order:
-            wall, cpu = timed_cpu(sides[name])
-            rounds[name].append(wall)
-            util[name].append(round(cpu, 2))
+
+    def after_round(r: int, done: dict[str, list[tuple[float, float]]]) -> None:
         prefill.append(ours.prefill_s())
-        log(f"round {r + 1}/{FLAGS.rounds}: ours {rounds['ours'][-1]:.3f}s (cpu/wall {util['ours'][-1]:.2f}), "
-            f"reference {rounds['reference'][-1]:.3f}s (cpu/wall {util['reference'][-1]:.2f}) per generate; "
-            f"our prefill {prefill[-1] * 1e3:.1f} ms (load {load_average()})")
-    med = {k: statistics.median(v) for k, v in rounds.items()}
+        (ours_s, ours_cpu), (ref_s, ref_cpu) = done["ours"][-1], done["reference"][-1]
+        log(f"round {r + 1}/{FLAGS.rounds}: ours {ours_s:.3f}s (cpu/wall {ours_cpu:.2f}), reference {ref_s:.3f}s "
+            f"(cpu/wall {ref_cpu:.2f}) per generate; our prefill {prefill[-1] * 1e3:.1f} ms "
+            f"(load {common.load_average()})")
+
+    timed_rounds = common.alternate({"ours": lambda: timed_cpu(ours.generate),
+                                     "reference": lambda: timed_cpu(ref.generate)}, FLAGS.rounds, after_round)
+    rounds = {k: [wall for wall, _ in v] for k, v in timed_rounds.items()}
+    util = {k: [round(cpu, 2) for _, cpu in v] for k, v in timed_rounds.items()}
+    med = common.medians(rounds)
     tokens = FLAGS.batch * new
     tps = {k: tokens / v for k, v in med.items()}
     ratio = tps["ours"] / tps["reference"]
     # Each side's fastest round: less sensitive to other jobs than the median on a shared machine.
     best = {k: tokens / min(v) for k, v in rounds.items()}
     prefill_s = statistics.median(prefill)
-    summary = {
-        "bench": "sample_throughput",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "shape": {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size",
-                                               "max_seq_len", "scan_layers")},
-        "batch": FLAGS.batch,
-        "prompt_lengths": [len(p) for p in prompts],
-        "new_tokens": new,
-        "cpus": len(os.sched_getaffinity(0)),
-        "torch_threads": ref_threads,
-        "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "reference_attn": ref_attn,
-        "reference_probe_s": probes,
-        "compile_s": round(compile_s, 3),
-        "first_call_s": round(first_s, 3),
-        "s_per_generate_rounds": rounds,
-        "cpu_util_rounds": util,
-        "s_per_generate": med,
-        "tokens_per_s": tps,
-        "ratio": ratio,
-        "tokens_per_s_best": best,
-        "ratio_best": best["ours"] / best["reference"],
-        "ours_prefill_s": prefill_s,
-        "ours_decode_tokens_per_s": FLAGS.batch * (new - 1) / (med["ours"] - prefill_s),
-        "greedy_agreement": agree,
-        "load_before": load_before,
-        "load_after": load_average(),
-    }
+    summary = common.record(
+        "sample_throughput",
+        shape={k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size",
+                                            "max_seq_len", "scan_layers")},
+        batch=FLAGS.batch,
+        prompt_lengths=[len(p) for p in prompts],
+        new_tokens=new,
+        cpus=len(os.sched_getaffinity(0)),
+        torch_threads=ref_threads,
+        versions={"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        reference_attn=ref_attn,
+        reference_probe_s=probes,
+        compile_s=round(compile_s, 3),
+        first_call_s=round(first_s, 3),
+        s_per_generate_rounds=rounds,
+        cpu_util_rounds=util,
+        s_per_generate=med,
+        tokens_per_s=tps,
+        ratio=ratio,
+        tokens_per_s_best=best,
+        ratio_best=best["ours"] / best["reference"],
+        ours_prefill_s=prefill_s,
+        ours_decode_tokens_per_s=FLAGS.batch * (new - 1) / (med["ours"] - prefill_s),
+        greedy_agreement=agree,
+        load_before=load_before,
+        load_after=common.load_average(),
+    )
     log("")
     log(f"{'':<10} {'tok/s':>9} {'s/generate':>11}")
     log(f"{'ours':<10} {tps['ours']:>9.0f} {med['ours']:>11.3f}   (prefill {prefill_s * 1e3:.1f} ms, "
@@ -304,11 +284,7 @@ def main(argv: list[str]) -> None:
         f"{best['ours'] / best['reference']:.2f}x")
     log(f"ratio {ratio:.2f}x (medians); target >= 2x -> {'met' if ratio >= 2 else 'NOT met'}; "
         f"load {load_before} before, {summary['load_after']} after")
-    line = json.dumps(summary)
-    print(line, flush=True)
-    if FLAGS.out:
-        with open(FLAGS.out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+    common.emit(summary, FLAGS.out)
 
 
 if __name__ == "__main__":

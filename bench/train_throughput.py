@@ -5,7 +5,7 @@ Both sides train the *same* model (our initial parameters, exported with
 batch, with the same AdamW hyperparameters, weight-decay groups and
 global-norm clipping:
 
-  herd       `Trainer(config, devices=jax.devices()[:1]).train_step` (jitted, state donated)
+  herd       `Runtime(config, model_cfg, jax.devices()[:1]).train_step` (jitted, state donated)
   reference  model.train(); loss = model(input_ids, labels=..., shift_labels=targets).loss;
              loss.backward(); clip_grad_norm_(1.0); AdamW.step(); zero_grad(set_to_none=True)
 
@@ -17,12 +17,12 @@ against `torch.autocast("cpu", dtype=torch.bfloat16)` around the reference's
 forward. torch gets as many intra-op threads as CPUs this process may use; XLA
 uses all of them by default (the reported CPU seconds per wall second show it).
 MFU = flops_per_token(cfg, seq_len) * tokens/s / peak, where the peak is a
-float32 1024^3 matmul measured in this run (train.metrics.measure_matmul_flops,
+float32 1024^3 matmul measured in this run (train.hardware.measure_matmul_flops,
 best of two); bfloat16 MFU uses the same float32 peak.
 
-    PYTHONPATH=. python bench/train_throughput.py                 # the default experiment's shape
-    PYTHONPATH=. python bench/train_throughput.py --config=experiments/shakespeare.py
-    PYTHONPATH=. python bench/train_throughput.py --config.model.scan_layers=False --dtypes=float32
+    python bench/train_throughput.py                 # the shape flags' model (d_model 256, 4 layers)
+    python bench/train_throughput.py --config=experiments/shakespeare.py
+    python bench/train_throughput.py --config.model.scan_layers=False --dtypes=float32
 
 Like the `herd` CLI on CPU, it restarts itself with glibc's malloc tuned
 (`--malloc=system` keeps the defaults, for both sides). See bench/README.md.
@@ -31,46 +31,32 @@ The last stdout line is one JSON object with every figure; `--out FILE` appends 
 
 from __future__ import annotations
 
-import os
+import common  # noqa: F401  (first: environment and sys.path)
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
+import os  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
-
-if __package__ in (None, ""):  # `python bench/train_throughput.py` without PYTHONPATH
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from experiments import base as base_experiment  # noqa: E402
 from model import flops_per_token  # noqa: E402
 from model import hf as hf_lib  # noqa: E402
-from train import metrics as metrics_lib  # noqa: E402
-from train.loop import Trainer, to_global  # noqa: E402
-from train.malloc import tune_malloc  # noqa: E402
+from train import hardware, metrics  # noqa: E402
+from train.config import apply_overrides  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config",
-    str(Path(__file__).resolve().parents[1] / "experiments" / "base.py"),
+common.define_experiment_flag(
+    str(common.ROOT / "experiments" / "base.py"),
     "Experiment whose model shape, seq_len and batch size to measure, e.g. experiments/shakespeare.py. Without "
     "it the shape flags below apply; --config.model.<field>=... (scan_layers, remat_policy, ...) works either way.",
-    lock_config=True,
 )
-# The default experiment's shape (experiments/shakespeare.py: a small Llama 3 architecture model).
+# A small Llama 3 architecture model, the shape the figures in bench/README.md were first recorded at.
 SHAPE_FLAGS = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=704, vocab=2048, seq_len=256, batch=8)
 for _name, _default in SHAPE_FLAGS.items():
     flags.DEFINE_integer(_name, _default, "Model / batch shape when --config is not given.")
@@ -94,19 +80,18 @@ flags.DEFINE_string("out", None, "Also append the JSON result line to this file.
 
 def bench_config(config: ml_collections.ConfigDict, from_experiment: bool) -> ml_collections.ConfigDict:
     """The experiment config adjusted for a one-device, synthetic-data measurement."""
-    c = config.copy_and_resolve_references()
+    shape_keys = ("model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
+                  "model.vocab_size", "model.tie_embeddings", "data.seq_len", "train.batch_size")
     if not from_experiment:
-        base = base_experiment.get_config()
         # The shape comes from the shape flags; refuse --config.<shape key> overrides that would be lost.
-        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "tie_embeddings"):
-            if c.model[key] != base.model[key]:
-                raise app.UsageError(f"--config.model.{key} needs --config=experiments/<name>.py; use the shape flags")
-        if c.data.seq_len != base.data.seq_len or c.train.batch_size != base.train.batch_size:
-            raise app.UsageError("use --seq_len / --batch (not --config.data.seq_len / --config.train.batch_size)")
-        c.model.d_model, c.model.n_layers = FLAGS.d_model, FLAGS.n_layers
-        c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = FLAGS.n_heads, FLAGS.n_kv_heads, FLAGS.d_ff
-        c.model.vocab_size, c.model.tie_embeddings = FLAGS.vocab, FLAGS.tie_embeddings
-        c.data.seq_len, c.train.batch_size = FLAGS.seq_len, FLAGS.batch
+        lost = [k for k in shape_keys if common.overridden(k)]
+        if lost:
+            raise app.UsageError(f"--config.{lost[0]} needs --config=experiments/<name>.py; use the shape flags")
+        config = apply_overrides(config, {
+            "model.d_model": FLAGS.d_model, "model.n_layers": FLAGS.n_layers, "model.n_heads": FLAGS.n_heads,
+            "model.n_kv_heads": FLAGS.n_kv_heads, "model.d_ff": FLAGS.d_ff, "model.vocab_size": FLAGS.vocab,
+            "model.tie_embeddings": FLAGS.tie_embeddings, "data.seq_len": FLAGS.seq_len,
+            "train.batch_size": FLAGS.batch})
     else:
         given = [n for n in (*SHAPE_FLAGS, "tie_embeddings") if FLAGS[n].present]
         if given:
@@ -114,59 +99,23 @@ def bench_config(config: ml_collections.ConfigDict, from_experiment: bool) -> ml
                 f"--{given[0]} cannot be combined with --config; override the experiment instead, "
                 "e.g. --config.model.d_model=... --config.data.seq_len=... --config.train.batch_size=..."
             )
-        if c.model.vocab_size is None:
-            c.model.vocab_size = data_vocab(c)
-    if c.model.max_seq_len is None:
-        c.model.max_seq_len = max(c.data.seq_len, 512)
-    # Random tokens in one document: nothing is read from disk, and the reference
-    # (which has no packed-document masking) computes exactly the same function.
-    c.data.source = "synthetic_random"
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
-    c.train.microbatches = 1  # one pass over the batch, as the reference does
-    c.model.param_dtype = "float32"  # float32 master weights on both sides
-    return c
-
-
-def data_vocab(c: ml_collections.ConfigDict) -> int | None:
-    """The vocabulary the experiment's tokenizer gives the model, without reading data (None: the variant's)."""
-    tok = c.data.tokenizer
-    if c.data.source.startswith("synthetic"):
-        return None
-    if tok.name == "byte":
-        from train.data.tokenizers import ByteTokenizer
-
-        return ByteTokenizer.vocab_size
-    if tok.name == "sentencepiece" and tok.path is None:
-        return int(tok.vocab_size)
-    print(f"note: the vocabulary of tokenizer {tok.name!r} is unknown without loading it; using the variant's "
-          "(set --config.model.vocab_size to pin it)")
-    return None
+    overrides: dict[str, Any] = {
+        "train.microbatches": 1,  # one pass over the batch, as the reference does
+        "model.param_dtype": "float32",  # float32 master weights on both sides
+    }
+    if config.model.max_seq_len is None:
+        overrides["model.max_seq_len"] = max(config.data.seq_len, 512)
+    return common.single_device_synthetic(apply_overrides(config, overrides))
 
 
 # ----------------------------------------------------------------------------- the two sides
 
 
-class Ours:
-    """herd's jitted train step on one CPU device."""
+class Ours(common.Stepper):
+    """herd's jitted train step on one CPU device, at compute dtype `dtype`."""
 
     def __init__(self, config: ml_collections.ConfigDict, dtype: str):
-        c = config.copy_and_resolve_references()
-        c.model.dtype = dtype
-        self.trainer = Trainer(c, jax.devices()[:1])
-        self.cfg = self.trainer.model_cfg
-        self.state = self.trainer.initial_state()
-        self.local_batch = next(self.trainer.batches(self.trainer.train_data))
-        self.batch = to_global(self.local_batch, self.trainer.batch_shardings)
-        self.metrics: Any = None
-
-    def step(self) -> None:
-        self.state, self.metrics = self.trainer.train_step(self.state, self.batch)
-
-    def sync(self) -> None:
-        jax.block_until_ready((self.state, self.metrics))
-
-    def loss(self) -> float:
-        return float(self.metrics["loss"])
+        super().__init__(apply_overrides(config, {"model.dtype": dtype}), jax.devices()[:1])
 
 
 class Reference:
@@ -229,15 +178,11 @@ def timed(side: Any, steps: int) -> dict[str, float]:
             "sys": (r1.ru_stime - r0.ru_stime) / steps, "minflt": (r1.ru_minflt - r0.ru_minflt) / steps}
 
 
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def run_dtype(config: ml_collections.ConfigDict, dtype: str) -> dict[str, Any]:
     """Builds both sides for one compute dtype, checks they agree, and times them in alternating rounds."""
     t0 = time.perf_counter()
     ours = Ours(config, dtype)
-    cfg, c = ours.cfg, ours.trainer.config
+    cfg, c = ours.model_cfg, ours.runtime.config
     with tempfile.TemporaryDirectory() as ckpt:
         hf_lib.save(cfg.replace(dtype="float32"), jax.device_get(ours.state.params), ckpt)
         ours.step()  # compile; its loss is on the initial parameters, as is the reference's first
@@ -262,14 +207,15 @@ def run_dtype(config: ml_collections.ConfigDict, dtype: str) -> dict[str, Any]:
     for _ in range(FLAGS.warmup):
         ours.step()
         ref.step()
-    rounds: dict[str, list[dict[str, float]]] = {"ours": [], "reference": []}
-    for r in range(FLAGS.rounds):
-        order = [("ours", ours), ("reference", ref)]
-        for name, side in order if r % 2 == 0 else order[::-1]:
-            rounds[name].append(timed(side, FLAGS.steps))
+
+    def report(r: int, rounds: dict[str, list[dict[str, float]]]) -> None:
         print(f"[{dtype}] round {r + 1}/{FLAGS.rounds}: " + ", ".join(
             f"{k} {v[-1]['wall']:.3f} s/step ({v[-1]['user']:.2f} user + {v[-1]['sys']:.2f} sys CPU-s, "
-            f"{v[-1]['minflt']:.0f} page faults)" for k, v in rounds.items()) + f"; load {load_average()}", flush=True)
+            f"{v[-1]['minflt']:.0f} page faults)" for k, v in rounds.items()) + f"; load {common.load_average()}",
+            flush=True)
+
+    rounds = common.alternate({"ours": lambda: timed(ours, FLAGS.steps), "reference": lambda: timed(ref, FLAGS.steps)},
+                              FLAGS.rounds, after_round=report)
     tokens_per_step = c.train.batch_size * c.data.seq_len
     median = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rounds.items()}
     tps = {k: tokens_per_step / v["wall"] for k, v in median.items()}
@@ -308,50 +254,46 @@ def torch_matmul_flops(size: int = 1024, trials: int = 5) -> float:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    os.environ["HERD_MALLOC"] = FLAGS.malloc
-    tune_malloc()  # restarts this process when --malloc=tuned and GLIBC_TUNABLES lacks the setting
+    common.restart_with_malloc(FLAGS.malloc)  # restarts this process when tuned and GLIBC_TUNABLES lacks it
     import torch
     import transformers
 
     from_experiment = bool(FLAGS["config"].present)
-    config = bench_config(FLAGS.config, from_experiment)
+    config = bench_config(common.experiment(), from_experiment)
     cpus = len(os.sched_getaffinity(0))
     torch.set_num_threads(FLAGS.threads or cpus)
     device = jax.devices()[0]
-    load_before = load_average()
+    load_before = common.load_average()
     print(f"herd (jax {jax.__version__}, {device}) vs transformers {transformers.__version__} + torch "
           f"{torch.__version__}; {cpus} usable CPUs of {os.cpu_count()}; torch threads {torch.get_num_threads()}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; "
           f"malloc={FLAGS.malloc}; load {load_before}", flush=True)
-    peak_a = metrics_lib.measure_matmul_flops(device, trials=5)
+    peak_a = hardware.measure_matmul_flops(device, trials=5)
     results = [run_dtype(config, dtype) for dtype in FLAGS.dtypes]
-    peak_b = metrics_lib.measure_matmul_flops(device, trials=6)  # a second measurement (another cache key)
+    peak_b = hardware.measure_matmul_flops(device, trials=6)  # a second measurement (another cache key)
     peak, torch_peak = max(peak_a, peak_b), torch_matmul_flops()
     for res in results:
-        res["mfu"] = {k: metrics_lib.mfu(v, res["flops_per_token"], peak, 1) for k, v in res["tokens_per_s"].items()}
+        res["mfu"] = {k: metrics.mfu(v, res["flops_per_token"], peak, 1) for k, v in res["tokens_per_s"].items()}
     shape_keys = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "tie_embeddings",
                   "scan_layers", "remat_policy")
-    summary = {
-        "bench": "train_throughput",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "config": config_flags.get_config_filename(FLAGS["config"]) if from_experiment else None,
-        "malloc": FLAGS.malloc,
-        "shape": {**{k: results[0]["model"][k] for k in shape_keys},
-                  "seq_len": config.data.seq_len, "batch": config.train.batch_size},
-        "machine": {"cpu": _cpu_model(), "usable_cpus": cpus, "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version()},
-        "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
-        "peak_matmul_flops": peak,
-        "peak_measurements": [peak_a, peak_b],
-        "torch_matmul_flops": torch_peak,
-        "load_before": load_before,
-        "load_after": load_average(),
-        "steps": FLAGS.steps,
-        "rounds": FLAGS.rounds,
-        "results": {r["dtype"]: r for r in results},
-    }
+    summary = common.record(
+        "train_throughput",
+        config=FLAGS.config if from_experiment else None,
+        malloc=FLAGS.malloc,
+        shape={**{k: results[0]["model"][k] for k in shape_keys},
+               "seq_len": config.data.seq_len, "batch": config.train.batch_size},
+        torch_threads=torch.get_num_threads(),
+        versions={"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        env={k: os.environ.get(k, "") for k in ("XLA_FLAGS", "GLIBC_TUNABLES")},
+        peak_matmul_flops=peak,
+        peak_measurements=[peak_a, peak_b],
+        torch_matmul_flops=torch_peak,
+        load_before=load_before,
+        load_after=common.load_average(),
+        steps=FLAGS.steps,
+        rounds=FLAGS.rounds,
+        results={r["dtype"]: r for r in results},
+    )
     print(f"\npeak: float32 1024^3 matmul measured here {peak / 1e9:.1f} GFLOP/s (torch, same matmul: "
           f"{torch_peak / 1e9:.1f}); {summary['shape']}")
     print(f"{'dtype':<9} {'ours tok/s':>10} {'ref tok/s':>10} {'ratio':>6} {'ours MFU':>9} {'ref MFU':>8}  reference attn")
@@ -360,22 +302,8 @@ def main(argv: list[str]) -> None:
               f"{r['ratio']:>6.2f} {r['mfu']['ours']:>9.1%} {r['mfu']['reference']:>8.1%}  {r['reference_attn']}")
     met = all(r["ratio"] >= 1.0 for r in results)
     print(f"target ratio >= 1.0: {'met' if met else 'NOT met'}; load {load_before} before, {summary['load_after']} after")
-    line = json.dumps(summary)
-    print(line, flush=True)
-    if FLAGS.out:
-        with open(FLAGS.out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-
-def _cpu_model() -> str:
-    try:
-        for row in Path("/proc/cpuinfo").read_text().splitlines():
-            if row.startswith("model name"):
-                return row.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    common.emit(summary, FLAGS.out)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=common.parse_flags)

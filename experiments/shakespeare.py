@@ -27,9 +27,11 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import base
+from train.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    args = parse_arg(arg, smoke=False)
     c = base.get_config()
     c.model.variant = "tiny"
     # d_model 128 instead of 192: ~1.7x the steps in ten minutes, which beat the width
@@ -79,12 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.batches = 32  # 32 x 8 x 128 = 32,768 tokens, the first rows of the validation split
     c.checkpoint.every = 650
 
-    if arg == "smoke":
+    if args.smoke:
         base.apply_smoke(c)
         c.model.max_seq_len = 64
         c.data.tokenizer.vocab_size = 512
-    elif arg:
-        raise ValueError(f"unknown argument {arg!r} for experiments/shakespeare.py; valid: smoke")
     return c
 
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
+
+import jax
 
 DTYPES = ("float32", "bfloat16", "float16")
-# Names only; model/llama.py maps each to a jax.checkpoint policy.
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+# Named rematerialisation policies: what each block keeps for its backward pass (model/llama.py).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
 
 
 @dataclasses.dataclass(frozen=True)

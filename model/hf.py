@@ -29,6 +29,7 @@ from model.safetensors_io import HFFormatError, read_entry, read_safetensors_hea
 Params = dict[str, Any]
 
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"  # Meta's tokenizer beside the weights, when a folder has one
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SUPPORTED_ROPE_TYPES = ("default", "llama3")

@@ -31,8 +31,8 @@ def einsum(subscripts: str, a: jax.Array, b: jax.Array, out_dtype: jnp.dtype | N
     In float32 this is `jnp.einsum`. With low-precision operands on CPU, every
     dot, forward and backward, is written as bf16 x bf16 -> float32: XLA:CPU
     runs that natively but turns a bf16 -> bf16 dot (or one with a float32
-    cotangent) into a float32 dot on converted copies, about twice as slow
-    (bench/README.md). GPUs and TPUs accumulate low-precision dots in float32
+    cotangent) into a float32 dot on converted copies (measured in
+    bench/README.md). GPUs and TPUs accumulate low-precision dots in float32
     anyway, so there it is `jnp.einsum` with `preferred_element_type`.
     """
     out_dtype = jnp.dtype(out_dtype or a.dtype)
@@ -192,8 +192,8 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Query, key and value heads, with rotary embeddings applied to q and k.
 
-        Three matmuls: one over a stacked [D, K, G + 2, H] weight measured the same
-        in float32 and ~5 % slower in bfloat16 on CPU (bench/README.md).
+        Three plain matmuls: one over a stacked [D, K, G + 2, H] weight was no faster in
+        float32 and slower in bfloat16 on CPU (bench/README.md, "one QKV matmul").
         """
         dt = dtype_of(self.cfg.dtype)
         q_BTNH = einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH.astype(dt))
@@ -213,8 +213,8 @@ class Attention(nn.Module):
 
 
 # Below this many rows (a decode step's batch) the stacked gate+up weight costs more than it saves:
-# stacking copies both weights on every call, and XLA:CPU runs the stacked dot ~4x slower per
-# FLOP at 8 rows than two plain ones (bench/README.md).
+# stacking copies both weights on every call, and XLA:CPU runs a stacked dot over a few rows
+# slower per FLOP than two plain ones (bench/README.md).
 _STACKED_GATE_UP_MIN_ROWS = 256
 
 
@@ -224,7 +224,7 @@ def swiglu_stacked(gate_up_BTCF: jax.Array) -> jax.Array:
 
     Its own gradient writes the stacked cotangent in one elementwise pass; autodiff of the
     two slices pads each slice's cotangent to [B, T, 2, F] and adds them, two more passes
-    over the largest activation of the block (3.7 % of a CPU train step, bench/README.md).
+    over the largest activation of the block (bench/README.md).
     """
     return jax.nn.silu(gate_up_BTCF[:, :, 0]) * gate_up_BTCF[:, :, 1]
 
@@ -258,7 +258,7 @@ class MLP(nn.Module):
         w_down_FD = logical_param(self, "down", (cfg.d_ff, cfg.d_model), (axes.MLP, axes.EMBED), output_init(cfg))
         if x_BTD.shape[0] * x_BTD.shape[1] >= _STACKED_GATE_UP_MIN_ROWS:
             # Gate and up as one matmul over a stacked [D, 2, F] weight: one pass over x instead of two
-            # (26 % faster on CPU, bench/README.md); stacking on a new axis keeps F sharded where it was.
+            # (bench/README.md); stacking on a new axis keeps F sharded where it was.
             w_DCF = jnp.stack([w_gate_DF, w_up_DF], axis=1).astype(dt)
             gate_up_BTCF = einsum("BTD,DCF->BTCF", x_BTD, w_DCF)
             h_BTF = swiglu_stacked(gate_up_BTCF)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from model import axes
-from model.config import ModelConfig
+from model.config import REMAT_POLICIES, ModelConfig
 from model.layers import (
     MLP,
     Attention,
@@ -28,14 +28,6 @@ from model.layers import (
 Params = dict[str, Any]
 # Attention from projected heads: (q_BTNH, k_BTKH, v_BTKH) -> out_BTNH.
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-# Named rematerialisation policies: what each block keeps for the backward pass.
-REMAT_POLICIES = {
-    "none": None,  # no remat: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
-}
 
 _ACT_BTD = (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_EMBED)
 

@@ -8,35 +8,13 @@ from flax import linen as nn
 
 import model
 import model.hf as hf
-from model import axes, decode
+from model import axes, decode, generate, sampling
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
 TOL = 1e-5
-BASE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=96,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
-LLAMA3_ROPE = dict(
-    rope_type="llama3",
-    rope_theta=500_000.0,
-    factor=8.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=16,  # decoding runs past it, so the scaled band matters
-)
-CASES = {
-    "mha": dict(num_key_value_heads=4),
-    "gqa": dict(num_key_value_heads=2),
-    "llama3_rope": dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
-}
 PROMPTS = [[5, 17, 99], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], [120, 7, 7, 64, 31, 2, 77]]
 NEW = 24  # 12 + 24 positions: well past original_max_position_embeddings=16
 DIFFS: dict[str, float] = {}
@@ -46,17 +24,6 @@ _prefill = jax.jit(decode.prefill, static_argnums=(0, 5))
 _step = jax.jit(decode.decode_step, static_argnums=0)
 
 
-def _hf_model(case: str) -> "transformers.LlamaForCausalLM":
-    """A tiny random transformers Llama with weights spread out enough that greedy choices are clear-cut."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(**BASE, **CASES[case], attn_implementation="eager")
-    m = transformers.LlamaForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    return m
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _report_diffs():
     yield
@@ -64,15 +31,13 @@ def _report_diffs():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(hf_llama):
     """case -> (transformers model, our config, our params imported from its save_pretrained directory)."""
     cache: dict[str, tuple] = {}
 
     def get(case: str) -> tuple:
         if case not in cache:
-            m = _hf_model(case)
-            path = tmp_path_factory.mktemp(case)
-            m.save_pretrained(path)
+            m, path = hf_llama(case)
             cache[case] = (m, *hf.load(path))
         return cache[case]
 
@@ -92,7 +57,7 @@ def test_cached_logits_equal_full_forward(models, case, scan, padding):
     cfg, params = _layout(cfg, params, scan)
     steps = 8
     forced = np.random.default_rng(1).integers(0, cfg.vocab_size, (len(PROMPTS), steps))
-    tokens, lengths = decode.pad_prompts(PROMPTS, pad_id=0, padding=padding)
+    tokens, lengths = generate.pad_prompts(PROMPTS, pad_id=0, padding=padding)
     cache = decode.init_cache(cfg, len(PROMPTS), tokens.shape[1] + steps)
     logits, cache = _prefill(cfg, params, cache, tokens, lengths, padding)
     cached = [logits]
@@ -100,7 +65,7 @@ def test_cached_logits_equal_full_forward(models, case, scan, padding):
         logits, cache = _step(cfg, params, cache, jnp.asarray(forced[:, j]))
         cached.append(logits)
     # Reference: each row's prompt + forced tokens, right padded, in one causal forward pass.
-    full, _ = decode.pad_prompts([p + list(f) for p, f in zip(PROMPTS, forced)], pad_id=0, padding="right")
+    full, _ = generate.pad_prompts([p + list(f) for p, f in zip(PROMPTS, forced)], pad_id=0, padding="right")
     ref = np.asarray(_forward(cfg, params, jnp.asarray(full)))
     diff = 0.0
     for row, n in enumerate(lengths):
@@ -113,7 +78,7 @@ def test_cached_logits_equal_full_forward(models, case, scan, padding):
 
 def _hf_greedy(m: "transformers.LlamaForCausalLM", prompts: list[list[int]], new: int) -> list[list[int]]:
     """transformers' greedy generate on a left-padded batch, without a stop token."""
-    tokens, _ = decode.pad_prompts(prompts, pad_id=0, padding="left")
+    tokens, _ = generate.pad_prompts(prompts, pad_id=0, padding="left")
     mask = np.arange(tokens.shape[1])[None] >= (tokens.shape[1] - np.array([len(p) for p in prompts]))[:, None]
     with torch.no_grad():
         out = m.generate(
@@ -131,13 +96,13 @@ def _hf_greedy(m: "transformers.LlamaForCausalLM", prompts: list[list[int]], new
 def greedy_gqa(models):
     """Our greedy continuations of PROMPTS under the GQA model (shared by the stopping and sampling tests)."""
     _, cfg, params = models("gqa")
-    return decode.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0))
+    return generate.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0))
 
 
 @pytest.mark.parametrize("case", ["gqa", "llama3_rope"])
 def test_greedy_equals_transformers_generate(models, greedy_gqa, case):
     m, cfg, params = models(case)
-    ours = decode.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0))
+    ours = generate.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0))
     assert [len(row) for row in ours] == [NEW] * len(PROMPTS)  # no EOS: exactly max_new_tokens each
     assert ours == _hf_greedy(m, PROMPTS, NEW)
     if case == "gqa":
@@ -148,11 +113,11 @@ def test_eos_stops_each_row_and_the_stream(models, greedy_gqa):
     _, cfg, params = models("gqa")
     eos = greedy_gqa[0][4]
     expected = [row[: row.index(eos) + 1] if eos in row else row for row in greedy_gqa]
-    assert decode.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0), eos_id=eos) == expected
+    assert generate.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0), eos_id=eos) == expected
     # One stop token per row (several EOS ids, as Llama 3 has): the stream ends once every row has stopped.
     eos_ids = [row[i] for row, i in zip(greedy_gqa, (2, 5, 3))]
     stops = [min(row.index(e) for e in eos_ids if e in row) for row in greedy_gqa]
-    steps = list(decode.stream(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0), eos_id=eos_ids))
+    steps = list(generate.stream(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(0), eos_id=eos_ids))
     assert len(steps) == max(stops) + 1
     for j, (tokens, live) in enumerate(steps):
         np.testing.assert_array_equal(live, [j <= s for s in stops])
@@ -164,7 +129,7 @@ def test_sampling_is_reproducible_and_filters_reduce_to_greedy(models, greedy_gq
     _, cfg, params = models("gqa")
 
     def run(seed: int, **kw) -> list[list[int]]:
-        return decode.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(seed), **kw)
+        return generate.generate(cfg, params, PROMPTS, max_new_tokens=NEW, rng=jax.random.key(seed), **kw)
 
     hot = run(1, temperature=2.0)
     assert run(1, temperature=2.0) == hot
@@ -182,7 +147,7 @@ def test_sample_support_and_frequencies():
 
     @jax.jit  # the settings are traced: one compilation for every call below
     def draws_jit(temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-        return jax.vmap(lambda k: decode.sample(logits, k, temperature, top_k, top_p)[0])(keys)
+        return jax.vmap(lambda k: sampling.sample(logits, k, temperature, top_k, top_p)[0])(keys)
 
     def draws(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
         return np.asarray(draws_jit(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)))
@@ -195,7 +160,7 @@ def test_sample_support_and_frequencies():
     np.testing.assert_allclose(np.bincount(draws(), minlength=4) / len(keys), probs, atol=0.03)
     hot = probs**0.5 / (probs**0.5).sum()  # temperature 2
     np.testing.assert_allclose(np.bincount(draws(temperature=2.0), minlength=4) / len(keys), hot, atol=0.03)
-    assert int(decode.sample(logits, keys[0], temperature=0)[0]) == 0
+    assert int(sampling.sample(logits, keys[0], temperature=0)[0]) == 0
 
 
 def test_cache_is_sharded_like_attention(models):
@@ -203,7 +168,7 @@ def test_cache_is_sharded_like_attention(models):
     _, cfg, params = models("gqa")
     mesh = jax.make_mesh((2, 2, 2), axes.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     prompts = PROMPTS + [[11, 12]]
-    tokens, lengths = decode.pad_prompts(prompts, pad_id=0)
+    tokens, lengths = generate.pad_prompts(prompts, pad_id=0)
 
     def run(cache_len: int) -> tuple:
         logits0, cache = decode.prefill(cfg, params, decode.init_cache(cfg, 4, cache_len), tokens, lengths)
@@ -245,5 +210,5 @@ def test_bad_requests_raise_one_line_errors(models, kw, expected):
     _, cfg, params = models("gqa")
     args = dict(prompts=[[1, 2, 3]], max_new_tokens=4, rng=jax.random.key(0)) | kw
     with pytest.raises(ValueError) as info:
-        decode.stream(cfg, params, **args)  # checked at the call, before any compilation
+        generate.stream(cfg, params, **args)  # checked at the call, before any compilation
     assert expected in str(info.value) and "\n" not in str(info.value)

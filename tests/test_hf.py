@@ -17,6 +17,7 @@ import pytest
 import model
 import model.hf as hf
 import model.safetensors_io as safetensors_io
+from conftest import HF_BASE, HF_CASES, HF_LLAMA3_ROPE, hf_random_llama
 from model.llama import unstack_layers, with_layers
 
 torch = pytest.importorskip("torch")
@@ -25,46 +26,10 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 torch.set_num_threads(2)
 
 TOL = 1e-4
-LLAMA3_ROPE = dict(
-    rope_type="llama3",
-    rope_theta=500_000.0,
-    factor=8.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=16,
-)
-BASE = dict(
-    vocab_size=128,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=96,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
-CASES = {
-    "mha": dict(num_key_value_heads=4),
-    "gqa": dict(num_key_value_heads=2),
-    "mqa": dict(num_key_value_heads=1),
-    "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
-    "head_dim": dict(num_key_value_heads=2, head_dim=32),
-    "llama3_rope": dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE),
-}
 SEQ = {"llama3_rope": 48}  # longer than original_max_position_embeddings=16, so the scaled band matters
 # One compiled forward per (config, shapes): tests reuse the same token shapes so they share compilations.
 _FORWARD = jax.jit(model.forward, static_argnums=0)
 DIFFS: dict[str, float] = {}  # max abs logits difference per case, printed at the end of the module
-
-
-def _hf_model(case: str, seed: int = 0) -> "transformers.LlamaForCausalLM":
-    """A tiny random transformers Llama whose weights are spread out enough that layout bugs show in logits."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**BASE, **CASES[case], attn_implementation="eager")
-    m = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    return m
 
 
 def _hf_logits(m: "transformers.LlamaForCausalLM", tokens: np.ndarray) -> np.ndarray:
@@ -77,7 +42,7 @@ def _ours(cfg: model.ModelConfig, params: dict, tokens: np.ndarray, **kw) -> np.
 
 
 def _tokens(case: str, b: int = 2, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, BASE["vocab_size"], (b, SEQ.get(case, 24)))
+    return np.random.default_rng(seed).integers(0, HF_BASE["vocab_size"], (b, SEQ.get(case, 24)))
 
 
 def _check(label: str, a: np.ndarray, b: np.ndarray) -> None:
@@ -100,31 +65,21 @@ def _report_diffs():
     print("\nmax abs logits diff per case: " + ", ".join(f"{k}={v:.2e}" for k, v in sorted(DIFFS.items())))
 
 
-@pytest.fixture(scope="module")
-def hf_ckpt(tmp_path_factory):
-    """case -> (transformers model, its save_pretrained directory); built once per case."""
-    cache: dict[str, tuple] = {}
-
-    def get(case: str) -> tuple:
-        if case not in cache:
-            m = _hf_model(case)
-            path = tmp_path_factory.mktemp(f"hf_{case}")
-            m.save_pretrained(path)
-            cache[case] = (m, path)
-        return cache[case]
-
-    return get
+@pytest.fixture
+def hf_ckpt(hf_llama):
+    """case -> (transformers model, its save_pretrained directory), shared with test_decode."""
+    return hf_llama
 
 
 # --- import: transformers save_pretrained -> model.hf.load -> our forward == transformers --------------------
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(HF_CASES))
 def test_import_logits_parity(hf_ckpt, case):
     m, path = hf_ckpt(case)
     cfg, params = hf.load(path)
-    assert cfg.n_kv_heads == CASES[case]["num_key_value_heads"]
-    assert cfg.head_size == CASES[case].get("head_dim", 16)
+    assert cfg.n_kv_heads == HF_CASES[case]["num_key_value_heads"]
+    assert cfg.head_size == HF_CASES[case].get("head_dim", 16)
     assert cfg.tie_embeddings == ("lm_head" not in params) == (case == "tied")
     tokens = _tokens(case)
     ours = _ours(cfg, params, tokens)
@@ -159,7 +114,7 @@ def test_packed_documents_match_each_document_alone(hf_ckpt):
 
 
 def test_bf16_checkpoint_loads_without_torch(tmp_path):
-    m = _hf_model("gqa", seed=1)
+    m = hf_random_llama("gqa", seed=1)
     with torch.no_grad():  # the float32 reference holds exactly the bfloat16 values
         for p in m.parameters():
             p.copy_(p.bfloat16().float())
@@ -196,7 +151,7 @@ def test_import_sharded_transformers_checkpoint(hf_ckpt, tmp_path):
 
 
 def _our_params(cfg: model.ModelConfig, seed: int = 3) -> dict:
-    """Fresh random params in our layout (not from transformers), spread like _hf_model's.
+    """Fresh random params in our layout (not from transformers), spread like conftest.hf_random_llama's.
 
     Drawn with numpy over the abstract parameter tree: flax's eager init is slow on small CPUs.
     """
@@ -321,17 +276,17 @@ def test_safetensors_matches_reference_package(tmp_path):
 
 
 def test_legacy_and_v5_rope_spellings_agree():
-    v5 = {"model_type": "llama", **BASE, "num_key_value_heads": 2, "rope_parameters": LLAMA3_ROPE}
+    v5 = {"model_type": "llama", **HF_BASE, "num_key_value_heads": 2, "rope_parameters": HF_LLAMA3_ROPE}
     legacy = {k: v for k, v in v5.items() if k != "rope_parameters"}
-    legacy |= {"rope_theta": 500_000.0, "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}}
+    legacy |= {"rope_theta": 500_000.0, "rope_scaling": {k: v for k, v in HF_LLAMA3_ROPE.items() if k != "rope_theta"}}
     cfg = hf.config_from_hf(v5)
     assert cfg == hf.config_from_hf(legacy)
     assert cfg.rope_theta == 500_000.0 and cfg.rope_scaling.original_max_seq_len == 16
     assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
     # And transformers reads what we write as the same rope parameters.
     written = transformers.LlamaConfig(**{k: v for k, v in hf.config_to_hf(cfg).items() if k != "model_type"})
-    assert written.rope_parameters == LLAMA3_ROPE
-    llama2 = hf.config_from_hf({"model_type": "llama", **BASE, "rope_theta": 10_000.0, "rope_scaling": None})
+    assert written.rope_parameters == HF_LLAMA3_ROPE
+    llama2 = hf.config_from_hf({"model_type": "llama", **HF_BASE, "rope_theta": 10_000.0, "rope_scaling": None})
     assert llama2.rope_scaling is None and llama2.rope_theta == 10_000.0 and llama2.n_kv_heads == 4
     old_style = {**legacy, "rope_scaling": {**legacy["rope_scaling"], "type": "llama3"}}
     del old_style["rope_scaling"]["rope_type"]

@@ -15,7 +15,7 @@ import pytest
 from ml_collections import config_dict
 
 from experiments import base
-from train import metrics
+from train import hardware, metrics, run_info
 
 RUN_FIELDS = {
     "timestamp",
@@ -189,24 +189,24 @@ def test_throughput_from_wall_time():
     ],
 )
 def test_known_peaks(kind, peak):
-    assert metrics.known_peak_flops(kind) == peak
+    assert hardware.known_peak_flops(kind) == peak
 
 
 def test_peak_override_and_table():
     tpu = types.SimpleNamespace(device_kind="TPU v4", platform="tpu")
-    assert metrics.peak_flops_per_device(tpu) == 275e12
-    assert metrics.peak_flops_per_device(tpu, override=1.5e12) == 1.5e12
+    assert hardware.peak_flops_per_device(tpu) == 275e12
+    assert hardware.peak_flops_per_device(tpu, override=1.5e12) == 1.5e12
     with pytest.raises(ValueError, match="log.peak_flops must be positive"):
-        metrics.peak_flops_per_device(override=0.0)
+        hardware.peak_flops_per_device(override=0.0)
 
 
 def test_cpu_peak_is_measured_once():
     cpu = jax.devices("cpu")[0]
-    first = metrics.peak_flops_per_device(cpu)
-    hits = metrics.measure_matmul_flops.cache_info().hits
+    first = hardware.peak_flops_per_device(cpu)
+    hits = hardware.measure_matmul_flops.cache_info().hits
     assert first > 0 and math.isfinite(first)
-    assert metrics.peak_flops_per_device(cpu) == first
-    assert metrics.measure_matmul_flops.cache_info().hits == hits + 1
+    assert hardware.peak_flops_per_device(cpu) == first
+    assert hardware.measure_matmul_flops.cache_info().hits == hits + 1
 
 
 # --------------------------------------------------------------------------- run.json
@@ -230,7 +230,7 @@ def test_run_info_fields_outside_git(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
     code = tmp_path / "code"
     code.mkdir()
-    info = metrics.write_run_info(
+    info = run_info.write_run_info(
         tmp_path / "run",
         config=tricky_config(),
         mesh=sim_mesh(),
@@ -243,7 +243,7 @@ def test_run_info_fields_outside_git(tmp_path, monkeypatch):
     assert saved == info
     assert RUN_FIELDS <= set(saved) and "previous" not in saved
     assert saved["config"] == {"width": 4, "double": 8, "shape": [2, 3], "maybe": None, "nested": {"name": "x"}}
-    assert set(saved["versions"]) == set(metrics.TRACKED_PACKAGES) | {"python"}
+    assert set(saved["versions"]) == set(run_info.TRACKED_PACKAGES) | {"python"}
     assert saved["versions"]["jax"] == jax.__version__
     assert saved["git"] == {"commit": None, "dirty": None}
     assert saved["mesh"] == {"data": 2, "fsdp": 4}
@@ -272,7 +272,7 @@ def test_run_info_in_git_repo_keeps_history(tmp_path, monkeypatch):
     config = base.get_config("smoke")
 
     def record(fingerprint: str | None) -> dict:
-        return metrics.write_run_info(
+        return run_info.write_run_info(
             workdir, config=config, mesh=None, data_fingerprint=fingerprint, code_dir=repo, enabled=True
         )
 
@@ -292,7 +292,7 @@ def test_run_info_in_git_repo_keeps_history(tmp_path, monkeypatch):
 
 
 def test_run_info_disabled_writes_nothing(tmp_path):
-    info = metrics.write_run_info(
+    info = run_info.write_run_info(
         tmp_path / "run", config=tricky_config(), mesh=None, data_fingerprint=None, enabled=False
     )
     assert RUN_FIELDS <= set(info)

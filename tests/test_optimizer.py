@@ -14,6 +14,8 @@ import pytest
 
 import model
 from experiments.base import get_config
+from train import muon
+from train.config import apply_overrides
 from train import optimizer as opt
 
 LR = 1e-2
@@ -23,12 +25,7 @@ LAYOUTS = {"scanned": TINY, "unrolled": TINY.replace(scan_layers=False)}
 
 def make_config(**overrides: Any) -> Any:
     """The base config with dotted-key overrides, e.g. make_config(**{"schedule.name": "wsd"})."""
-    c = get_config()
-    c.optimizer.lr = LR
-    for key, value in overrides.items():
-        section, field = key.split(".")
-        c[section][field] = value
-    return c
+    return apply_overrides(get_config(), {"optimizer.lr": LR, **overrides})
 
 
 def lr_at(config: Any, *steps: int) -> np.ndarray:
@@ -269,10 +266,10 @@ def as_matrices(u: np.ndarray, dims: Any) -> np.ndarray:
 def test_grouped_muon_matches_optax_muon_matrix_by_matrix(layout: str) -> None:
     # Ours batches equal-shaped matrices; optax.contrib's orthogonalises each alone. Three steps, so
     # the bias-corrected Nesterov momentum is compared too. Only the hidden matrices take part.
-    only_hidden = lambda tx: optax.partition({"muon": tx, "adam": optax.set_to_zero()}, opt._muon_labels)  # noqa: E731
-    ours = only_hidden(opt.scale_by_muon(momentum=0.9, ns_steps=5))
+    only_hidden = lambda tx: optax.partition({"muon": tx, "adam": optax.set_to_zero()}, muon.muon_labels)  # noqa: E731
+    ours = only_hidden(muon.scale_by_muon(momentum=0.9, ns_steps=5))
     reference = only_hidden(
-        optax.contrib.scale_by_muon(beta=0.9, ns_steps=5, weight_dimension_numbers=opt._muon_dims_tree)
+        optax.contrib.scale_by_muon(beta=0.9, ns_steps=5, weight_dimension_numbers=muon.muon_dims_tree)
     )
     params = params_in("plain", layout)
     rng = np.random.default_rng(2)
@@ -282,7 +279,7 @@ def test_grouped_muon_matches_optax_muon_matrix_by_matrix(layout: str) -> None:
         u_ours, states[0] = jax.jit(ours.update)(grads, states[0])
         u_ref, states[1] = jax.jit(reference.update)(grads, states[1])
         for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(u_ours)[0], jax.tree.leaves(u_ref)):
-            dims = opt.muon_dimension_numbers(names_of(path), a.ndim)
+            dims = muon.muon_dimension_numbers(names_of(path), a.ndim)
             if dims is None:
                 continue
             scale = 0.2 * np.sqrt(max(as_matrices(np.asarray(a), dims).shape[1:]))  # ours is AdamW-RMS scaled
@@ -290,7 +287,7 @@ def test_grouped_muon_matches_optax_muon_matrix_by_matrix(layout: str) -> None:
 
 
 def test_muon_reads_inputs_as_rows_and_keeps_layers_apart() -> None:
-    dims = lambda *names, ndim: tuple(opt.muon_dimension_numbers(names, ndim))  # noqa: E731
+    dims = lambda *names, ndim: tuple(muon.muon_dimension_numbers(names, ndim))  # noqa: E731
     # Scanned (layers, embed, heads, head_dim): each layer's embed -> heads x head_dim map.
     assert dims("layers", "attn", "q", ndim=4) == (1, (2, 3))
     assert dims("layers_0", "attn", "q", ndim=3) == (0, (1, 2))
@@ -298,7 +295,7 @@ def test_muon_reads_inputs_as_rows_and_keeps_layers_apart() -> None:
     assert dims("layers_3", "mlp", "down", ndim=2) == ((0,), 1)
     assert dims("layers", "mlp", "gate", ndim=3) == (1, (2,))
     for names in (("embedding",), ("lm_head",), ("layers", "attn_norm", "scale"), ("final_norm", "scale")):
-        assert opt.muon_dimension_numbers(names, 2) is None
+        assert muon.muon_dimension_numbers(names, 2) is None
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -315,7 +312,7 @@ def test_muon_orthogonalises_each_hidden_matrix_and_gives_the_rest_to_adamw(layo
         jax.tree_util.tree_flatten_with_path(ours)[0], jax.tree.leaves(reference), jax.tree.leaves(grads)
     ):
         names = names_of(path)
-        dims = opt.muon_dimension_numbers(names, u.ndim)
+        dims = muon.muon_dimension_numbers(names, u.ndim)
         if dims is None:  # embedding, lm_head, norm scales: exactly the adamw optimizer's update
             np.testing.assert_allclose(u, r, rtol=1e-6, err_msg=str(names))
             continue
@@ -343,13 +340,13 @@ def test_muon_adam_lr_multiplier_scales_only_the_adamw_part() -> None:
         updates[multiplier] = first_update(tx, grads, params)
     for (path, one), three in zip(jax.tree_util.tree_flatten_with_path(updates[1.0])[0], jax.tree.leaves(updates[3.0])):
         names = names_of(path)
-        hidden = opt.muon_dimension_numbers(names, one.ndim) is not None
+        hidden = muon.muon_dimension_numbers(names, one.ndim) is not None
         np.testing.assert_allclose(three, one if hidden else 3.0 * one, rtol=1e-5, atol=1e-9, err_msg=str(names))
 
 
 def test_bfloat16_newton_schulz_runs_bf16_dots_and_stays_close_to_float32(dot_operand_dtypes) -> None:
     x_BMN = jax.random.normal(jax.random.key(0), (3, 64, 192))
-    ns = {dt: jax.jit(functools.partial(opt.newton_schulz, steps=5, dtype=dt)) for dt in (jnp.float32, jnp.bfloat16)}
+    ns = {dt: jax.jit(functools.partial(muon.newton_schulz, steps=5, dtype=dt)) for dt in (jnp.float32, jnp.bfloat16)}
     full, low = np.asarray(ns[jnp.float32](x_BMN)), np.asarray(ns[jnp.bfloat16](x_BMN))
     assert low.dtype == np.float32
     for m_low, m_full in zip(low, full):  # bf16 rounding moves each entry a little, not the direction

@@ -16,6 +16,7 @@ import pytest
 
 import model
 from experiments.base import get_config
+from train.config import apply_overrides
 from train.data import build_dataset, builders
 from train.data.pipeline import TfdsDataset, record_text
 from train.loop import train_and_evaluate
@@ -25,18 +26,13 @@ WORDS = ["to", "be", "or", "not", "café", "naïve", "日本語", "🙂", "thou"
 
 
 def _config(root, **overrides):
-    c = get_config()
-    c.data.source = "tfds"
-    c.data.data_dir = str(root)
-    c.data.seq_len = 32
-    c.data.shuffle_tokens = 2**12  # 124 rows per shuffled block: tests read a few batches, not 2^21 tokens
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return apply_overrides(get_config(), {
+        "data.source": "tfds",
+        "data.data_dir": str(root),
+        "data.seq_len": 32,
+        "data.shuffle_tokens": 2**12,  # 124 rows per shuffled block: tests read a few batches, not 2^21 tokens
+        **overrides,
+    })
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +217,7 @@ def test_bytes_of_one_pass_equal_the_split_bytes(roots, tokenizer):
     assert (last["segment_ids"][last["inputs"] == pad] == 0).all()
     expected = np.concatenate([ds.tokenizer.encode_document(t) for t in texts])
     assert np.array_equal(stream(batches, ds.tokenizer.pad_id), expected)  # packing loses and adds nothing
-    assert texts[0].startswith(ds.decode(batches[0]["inputs"][0]))
+    assert texts[0].startswith(ds.tokenizer.decode(batches[0]["inputs"][0].tolist()))
 
 
 def test_clear_errors(roots):
@@ -261,11 +257,9 @@ def test_worker_processes_change_nothing(roots):
 
 
 @pytest.mark.slow
-def test_resumed_training_run_matches_uninterrupted(roots, tmp_path):
-    config = _config(roots[0], **{
-        "model.variant": "tiny", "train.steps": 4, "train.batch_size": 4, "checkpoint.every": 2,
-        "checkpoint.async_save": False, "eval.every": 2, "eval.batches": 1, "mesh.data": 1,
-        "log.peak_flops": 1e12, "log.progress": False, "schedule.warmup_steps": 2,
+def test_resumed_training_run_matches_uninterrupted(roots, tmp_path, tiny_config):
+    config = tiny_config(_config(roots[0]), **{
+        "data.seq_len": 32, "train.batch_size": 4, "checkpoint.async_save": False, "mesh.data": 1,
     })
     devices = jax.devices()[:1]
     full = train_and_evaluate(config, tmp_path / "full", devices=devices)

@@ -9,46 +9,30 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import base
 from train.checkpoint import CheckpointError
-from train.loop import Trainer, to_global, train_and_evaluate
+from train.data import open_data
+from train.loop import train_and_evaluate
+from train.runtime import Runtime
 from train.state import state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-    c = base.get_config("smoke")
-    c.data.seq_len = 16
-    c.train.batch_size = 8
-    c.train.steps = 4
-    c.checkpoint.every = 2
-    c.eval.every = 2
-    c.eval.batches = 1
-    c.log.peak_flops = 1e12  # skip measuring the CPU peak in every test
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
 def run_losses(config, n_steps, devices=None):
     """Per-step losses of `n_steps` steps, without the loop (no checkpoints, no files)."""
-    trainer = Trainer(config, devices)
-    state = trainer.initial_state()
-    it = trainer.batches(trainer.train_data)
+    data = open_data(config)
+    runtime = Runtime(config, data.model_cfg, devices)
+    state = runtime.initial_state()
+    it = data.batches(data.train)
     losses = []
     for _ in range(n_steps):
-        state, metrics = trainer.train_step(state, to_global(next(it), trainer.batch_shardings))
+        state, metrics = runtime.train_step(state, runtime.to_global(next(it)))
         losses.append(float(metrics["loss"]))
-    return np.array(losses), trainer, state
+    return np.array(losses), runtime, state
 
 
 @pytest.fixture(scope="module")
-def reference_losses():
+def reference_losses(tiny_config):
     return run_losses(tiny_config(**{"mesh.data": 1}), 3, jax.devices()[:1])[0]
 
 
@@ -63,19 +47,19 @@ MESHES = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rules, shape", MESHES, ids=[f"{r}-{'x'.join(map(str, s))}" for r, s in MESHES])
-def test_same_losses_on_every_mesh(reference_losses, rules, shape):
+def test_same_losses_on_every_mesh(reference_losses, rules, shape, tiny_config):
     config = tiny_config(**{"mesh.rules": rules, "mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]})
-    losses, trainer, state = run_losses(config, 3)
-    assert trainer.mesh.devices.size == 8
+    losses, runtime, state = run_losses(config, 3)
+    assert runtime.mesh.devices.size == 8
     np.testing.assert_allclose(losses, reference_losses, rtol=2e-5)
     assert losses[-1] < losses[0]
 
 
-def test_fsdp_shards_every_large_parameter_and_optimizer_state():
+def test_fsdp_shards_every_large_parameter_and_optimizer_state(tiny_config):
     config = tiny_config(**{"mesh.rules": "fsdp", "mesh.data": 1, "mesh.fsdp": 8})
-    trainer = Trainer(config)
-    shardings = state_shardings(trainer.model_cfg, trainer.tx, trainer.mesh, trainer.rules)
-    abstract = trainer.abstract_state()
+    runtime = Runtime(config, open_data(config).model_cfg)
+    shardings = state_shardings(runtime.model_cfg, runtime.tx, runtime.mesh, runtime.rules)
+    abstract = runtime.abstract_state()
     replicated_bytes = 0
     for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
         if sharding.is_fully_replicated:
@@ -86,27 +70,27 @@ def test_fsdp_shards_every_large_parameter_and_optimizer_state():
     assert replicated_bytes < 8 * 1024, replicated_bytes
 
 
-def test_microbatches_give_the_same_update(reference_losses):
+def test_microbatches_give_the_same_update(reference_losses, tiny_config):
     config = tiny_config(**{"mesh.data": 1, "train.microbatches": 4})
     losses, _, _ = run_losses(config, 3, jax.devices()[:1])
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, tiny_config):
     workdir = tmp_path_factory.mktemp("full")
     out = train_and_evaluate(tiny_config(), workdir, devices=jax.devices()[:1])
     return workdir, out
 
 
-def test_two_identical_runs_are_identical(uninterrupted, tmp_path):
+def test_two_identical_runs_are_identical(uninterrupted, tmp_path, tiny_config):
     _, first = uninterrupted
     again = train_and_evaluate(tiny_config(), tmp_path, devices=jax.devices()[:1])
     assert again["losses"] == first["losses"]
     assert list(first["losses"]) == [1, 2, 3, 4]
 
 
-def test_interrupted_and_resumed_run_matches_bit_for_bit(uninterrupted, tmp_path):
+def test_interrupted_and_resumed_run_matches_bit_for_bit(uninterrupted, tmp_path, tiny_config):
     _, full = uninterrupted
     part = train_and_evaluate(tiny_config(), tmp_path, devices=jax.devices()[:1], stop_at=3)
     assert sorted(part["losses"]) == [1, 2, 3]
@@ -118,7 +102,7 @@ def test_interrupted_and_resumed_run_matches_bit_for_bit(uninterrupted, tmp_path
 
 
 @pytest.mark.slow
-def test_muon_state_shards_over_fsdp_and_resumes_bit_for_bit(tmp_path):
+def test_muon_state_shards_over_fsdp_and_resumes_bit_for_bit(tmp_path, tiny_config):
     # optax.partition leaves empty placeholders in Muon's state for the parameters AdamW owns;
     # they must survive sharding, an orbax checkpoint and the restore.
     config = tiny_config(**{"optimizer.name": "muon", "mesh.rules": "fsdp", "mesh.data": 1, "mesh.fsdp": 8})
@@ -154,14 +138,14 @@ def test_metrics_and_eval_are_written(uninterrupted):
     assert os.listdir(workdir / "tensorboard")
 
 
-def test_finished_run_says_so(uninterrupted, capsys):
+def test_finished_run_says_so(uninterrupted, capsys, tiny_config):
     workdir, _ = uninterrupted
     out = train_and_evaluate(tiny_config(), workdir, devices=jax.devices()[:1])
     assert out["losses"] == {}
     assert "already finished" in capsys.readouterr().out
 
 
-def test_resume_with_different_shapes_names_the_parameter(uninterrupted, tmp_path):
+def test_resume_with_different_shapes_names_the_parameter(uninterrupted, tmp_path, tiny_config):
     workdir, _ = uninterrupted
     config = tiny_config(**{"model.d_ff": 128, "train.steps": 8})
     with pytest.raises(CheckpointError, match=r"mlp\.(down|gate|up)"):
@@ -171,7 +155,7 @@ def test_resume_with_different_shapes_names_the_parameter(uninterrupted, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("first, second", [("fsdp8", "one"), ("one", "fsdp8")])
-def test_restore_onto_a_different_mesh(uninterrupted, tmp_path, first, second):
+def test_restore_onto_a_different_mesh(uninterrupted, tmp_path, first, second, tiny_config):
     _, full = uninterrupted
     setups = {
         "one": (tiny_config(**{"mesh.data": 1}), jax.devices()[:1]),
@@ -183,7 +167,7 @@ def test_restore_onto_a_different_mesh(uninterrupted, tmp_path, first, second):
     np.testing.assert_allclose([losses[s] for s in range(1, 5)], [full["losses"][s] for s in range(1, 5)], rtol=2e-5)
 
 
-def test_loss_falls_on_the_learnable_pattern(tmp_path):
+def test_loss_falls_on_the_learnable_pattern(tmp_path, tiny_config):
     config = tiny_config(**{"train.steps": 100, "optimizer.lr": 1e-2, "schedule.warmup_steps": 10, "eval.every": 100,
                             "checkpoint.every": 100, "mesh.data": 1, "data.seq_len": 32})
     out = train_and_evaluate(config, tmp_path, devices=jax.devices()[:1])
@@ -222,7 +206,7 @@ def test_cli_trains_the_smoke_experiment(tmp_path):
     assert (tmp_path / "run.json").exists() and sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
 
 
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, caplog):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, caplog, tiny_config):
     import shutil
 
     workdir, _ = uninterrupted

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.workdir import RunDir
+
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +69,8 @@ class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
         if every <= 0 or keep <= 0:
             raise ValueError(f"checkpoint.every={every} and checkpoint.keep={keep} must both be positive")
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.run = RunDir(workdir)
+        self.directory = str(self.run.checkpoints)
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
@@ -140,16 +143,13 @@ class Checkpointer:
         if not damaged:
             return
         if jax.process_index() == 0:
-            aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+            aside = str(self.run.damaged_checkpoints)
             os.makedirs(aside, exist_ok=True)
             for step in damaged:
                 target = os.path.join(aside, f"{step}.{int(time.time())}")
                 os.rename(os.path.join(self.directory, str(step)), target)
                 log.warning("moved unreadable checkpoint %d to %s", step, target)
         self.manager.reload()
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

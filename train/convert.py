@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import base
 from model import ModelConfig, forward, hf
-from train import metrics as metrics_lib
+from train import config as config_lib
 from train.checkpoint import Checkpointer
 from train.inference import Loaded, load_hf_dir, load_workdir
-from train.loop import TOKENIZER_FILE, Trainer
+from train.run_info import write_run_info
+from train.runtime import Runtime, local_data_parallel
 from train.state import TrainState
+from train.workdir import RunDir
 
 # Our logits and transformers' on the same stored weights must agree this closely (parity tests see ~1e-5).
 TOLERANCE = 1e-3
@@ -70,7 +71,7 @@ def to_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "f
         extra = {"bos_token_id": loaded.tokenizer.bos_id, "eos_token_id": loaded.tokenizer.eos_id}
     hf.save(loaded.model_cfg, params, out, dtype=dtype, extra_config=extra)
     if loaded.tokenizer is not None and loaded.tokenizer.model_file() is not None:
-        with open(os.path.join(out, TOKENIZER_FILE), "wb") as f:
+        with open(os.path.join(out, hf.TOKENIZER_FILE), "wb") as f:
             f.write(loaded.tokenizer.model_file())
     tokens = check_prompts(loaded.model_cfg.vocab_size)
     # Our side uses the weights as stored in the export (rounded to `dtype`).
@@ -83,42 +84,33 @@ def to_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "f
 
 
 def experiment_config(model_cfg: ModelConfig, tokenizer_name: str | None) -> ml_collections.ConfigDict:
-    """A base config that reproduces `model_cfg` exactly through model overrides."""
-    config = base.get_config()
-    fields = model_cfg.to_dict()
-    for key in base.MODEL_OVERRIDES:
-        config.model[key] = fields[key]
-    if model_cfg.rope_scaling is not None:
-        for key, value in fields["rope_scaling"].items():
-            config.model.rope_scaling[key] = value
+    """The schema's defaults with model overrides that reproduce `model_cfg` exactly."""
+    overrides = config_lib.model_overrides(model_cfg)
     if tokenizer_name is not None:
-        config.data.source = "tfds"
-        config.data.tokenizer.name = tokenizer_name
-    return config
+        overrides |= {"data.source": "tfds", "data.tokenizer.name": tokenizer_name}
+    return config_lib.apply_overrides(config_lib.defaults(), overrides)
 
 
 def from_hf(path: str | os.PathLike, workdir: str | os.PathLike) -> dict[str, Any]:
     """Imports a Hugging Face folder as step 0 of a herd run in `workdir` (fresh optimizer state)."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    run = RunDir(workdir)
+    if run.checkpoints.is_dir() and os.listdir(run.checkpoints):
         raise FileExistsError(f"--workdir={workdir} already has checkpoints; import into a new directory")
     loaded: Loaded = load_hf_dir(path)
-    config = experiment_config(loaded.model_cfg, loaded.tokenizer.name if loaded.tokenizer else None)
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+    config = local_data_parallel(experiment_config(loaded.model_cfg, loaded.tokenizer.name if loaded.tokenizer else None))
     os.makedirs(workdir, exist_ok=True)
     if loaded.tokenizer is not None:
-        shutil.copyfile(os.path.join(path, TOKENIZER_FILE), os.path.join(workdir, TOKENIZER_FILE))
-        config.data.tokenizer.path = os.path.abspath(os.path.join(workdir, TOKENIZER_FILE))
-    trainer = Trainer(config, model_cfg=loaded.model_cfg)
-    params = jax.device_put(loaded.params, trainer.shardings.params)
-    opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.shardings.opt_state)(params)
-    rng = jax.random.key_data(jax.random.key(config.seed))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
+        shutil.copyfile(os.path.join(path, hf.TOKENIZER_FILE), run.tokenizer)
+        config = config_lib.apply_overrides(config, {"data.tokenizer.path": str(run.tokenizer)})
+    runtime = Runtime(config, loaded.model_cfg)
+    params = jax.device_put(loaded.params, runtime.shardings.params)
+    opt_state = jax.jit(runtime.tx.init, out_shardings=runtime.shardings.opt_state)(params)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
     ckpt = Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
     ckpt.save(0, state, {"train": None})
     ckpt.close()
-    metrics_lib.write_run_info(workdir, config=config, mesh=trainer.mesh, data_fingerprint=None,
-                               extra={"model": loaded.model_cfg.to_dict(), "imported_from": os.path.abspath(path)})
+    write_run_info(workdir, config=config, mesh=runtime.mesh, data_fingerprint=None,
+                   extra={"model": loaded.model_cfg.to_dict(), "imported_from": os.path.abspath(path)})
     reloaded = load_workdir(workdir)
     tokens = check_prompts(loaded.model_cfg.vocab_size)
     ours = np.asarray(forward(reloaded.model_cfg, reloaded.params, jnp.asarray(tokens, jnp.int32)))

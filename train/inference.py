@@ -12,14 +12,14 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
-import numpy as np
 
-from experiments import base
-from model import ModelConfig, decode
+from model import ModelConfig, generate
 from train.checkpoint import Checkpointer, CheckpointError
+from train.config import apply_overrides, from_record
+from train.data import build_dataset
 from train.data.tokenizers import Tokenizer, build_tokenizer
-
-RUN_INFO = "run.json"
+from train.runtime import Runtime, local_data_parallel
+from train.workdir import RunDir
 
 
 @dataclasses.dataclass
@@ -34,46 +34,29 @@ class Loaded:
     source: str = ""
 
 
-def _overlay(config: ml_collections.ConfigDict, values: dict[str, Any], prefix: str = "") -> None:
-    for key, value in values.items():
-        if key not in config:
-            raise ValueError(f"{RUN_INFO}: key {prefix}{key} is not declared in experiments/base.py")
-        if isinstance(value, dict):
-            _overlay(config[key], value, f"{prefix}{key}.")
-        else:
-            config[key] = value
+def _run_record(workdir: str | os.PathLike) -> dict[str, Any]:
+    path = RunDir(workdir).run_info
+    if not path.is_file():
+        raise FileNotFoundError(f"--workdir={workdir} has no {path.name}: not a herd run directory")
+    with open(path) as f:
+        return json.load(f)
 
 
 def config_from_run(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config a run recorded in its run.json, on top of the base declarations."""
-    path = os.path.join(workdir, RUN_INFO)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--workdir={workdir} has no {RUN_INFO}: not a herd run directory")
-    with open(path) as f:
-        recorded = json.load(f)["config"]
-    config = base.get_config()
-    _overlay(config, recorded)
-    config.lock()
-    return config
+    """The resolved config a run recorded in its run.json, on top of the schema's declarations."""
+    return from_record(_run_record(workdir)["config"], str(RunDir(workdir).run_info))
 
 
 def load_workdir(workdir: str | os.PathLike, devices: list[jax.Device] | None = None) -> Loaded:
-    """Parameters of the latest checkpoint in `workdir`, sharded as the run's config says."""
-    from train.loop import Trainer
-
+    """Parameters of the latest checkpoint in `workdir`, on `devices` (default: all local ones, data parallel)."""
     config = config_from_run(workdir)
-    with open(os.path.join(workdir, RUN_INFO)) as f:
-        model_cfg = ModelConfig(**json.load(f)["extra"]["model"])
+    model_cfg = ModelConfig(**_run_record(workdir)["extra"]["model"])
     ckpt = Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
     try:
         if ckpt.latest_step() is None:
             raise CheckpointError(f"--workdir={workdir} has no checkpoint yet (nothing under {ckpt.directory})")
-        if devices is None:  # all local devices, parameters split the way the run split them
-            config.unlock()
-            config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-            config.lock()
-        trainer = Trainer(config, devices, model_cfg=model_cfg)
-        step, state, _ = ckpt.restore(trainer.abstract_state())
+        runtime = Runtime(config if devices is not None else local_data_parallel(config), model_cfg, devices)
+        step, state, _ = ckpt.restore(runtime.abstract_state())
     finally:
         ckpt.close()
     return Loaded(model_cfg, state.params, run_tokenizer(config, workdir), config, step, f"{workdir} (step {step})")
@@ -81,10 +64,8 @@ def load_workdir(workdir: str | os.PathLike, devices: list[jax.Device] | None = 
 
 def run_tokenizer(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Tokenizer | None:
     """The tokenizer a run trained with: its saved tokenizer.model, the byte tokenizer, or None (synthetic)."""
-    from train.loop import TOKENIZER_FILE
-
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.isfile(path):
+    path = RunDir(workdir).tokenizer
+    if path.is_file():
         return tokenizer_from_file(path)
     if config.data.source.startswith("synthetic"):
         return None
@@ -109,7 +90,7 @@ def load_hf_dir(path: str | os.PathLike) -> Loaded:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--hf={path} is not a directory")
     model_cfg, params = hf.load(path)
-    tok_file = os.path.join(path, "tokenizer.model")
+    tok_file = os.path.join(path, hf.TOKENIZER_FILE)
     tokenizer = tokenizer_from_file(tok_file) if os.path.isfile(tok_file) else None
     return Loaded(model_cfg, params, tokenizer, source=os.fspath(path))
 
@@ -151,7 +132,7 @@ def sample_text(
     tok = loaded.tokenizer
     eos = tok.eos_id if tok is not None else None
     pad = tok.pad_id if tok is not None else 0
-    tokens = decode.stream(cfg, loaded.params, [ids], max_new_tokens=max_tokens, rng=jax.random.key(seed),
+    tokens = generate.stream(cfg, loaded.params, [ids], max_new_tokens=max_tokens, rng=jax.random.key(seed),
                            temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos, pad_id=pad)
     generated: list[int] = []
     shown = ""
@@ -180,50 +161,19 @@ def evaluate_split(
     loaded: Loaded, split: str, *, batches: int = 0, dataset: str | None = None, progress: bool = True
 ) -> dict[str, float]:
     """Loss, perplexity and bits per byte of a run's model on `split` (all of it when `batches` is 0)."""
-    import tqdm
-
-    from train.data import build_dataset
-    from train.loop import Trainer, to_global
-    from train.step import finish_eval
-
     if loaded.config is None:
         raise ValueError("herd eval needs a run directory (--workdir): its config says which data and tokenizer")
-    config = ml_collections.ConfigDict(loaded.config.to_dict())
-    config.data.eval_split = split
-    if dataset:
-        config.data.dataset = dataset
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
-    trainer = Trainer(config)
-    data = build_dataset(config, split, trainer.model_cfg.vocab_size)
+    overrides = {"data.eval_split": split} | ({"data.dataset": dataset} if dataset else {})
+    config = local_data_parallel(apply_overrides(loaded.config, overrides))
+    runtime = Runtime(config, loaded.model_cfg)
+    data = build_dataset(config, split, loaded.model_cfg.vocab_size)
     finite = hasattr(data, "pipeline")  # TFDS splits end; synthetic ones go on forever
     if batches == 0 and not finite:
         batches = config.eval.batches
     kwargs = {"epochs": 1} if batches == 0 else {}
     it = data.iterator(config.train.batch_size, jax.process_index(), jax.process_count(), **kwargs)
-    total = batches or None
-    sums: dict[str, float] = {}
-    params = jax.device_put(loaded.params, trainer.shardings.params)
-    with tqdm.tqdm(total=total, desc=f"eval {split}", unit="batch", disable=not progress) as bar:
-        n = 0
-        for local in it:
-            if batches and n >= batches:
-                break
-            local = _pad_rows(local, config.train.batch_size // jax.process_count())
-            out = jax.device_get(trainer.eval_step(params, to_global(local, trainer.batch_shardings)))
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-            bar.update(1)
-            if "tokens" in sums and sums["tokens"]:
-                bar.set_postfix(loss=f"{sums['ce_sum'] / sums['tokens']:.4f}")
-    if not sums:
-        raise ValueError(f"split {split!r} gave no batches to evaluate")
-    return finish_eval(sums) | {"batches": float(n)}
-
-
-def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """Fills a short last batch with masked rows so the compiled step's shape holds."""
-    have = len(batch["inputs"])
-    if have == rows:
-        return batch
-    return {k: np.concatenate([v, np.zeros((rows - have, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    params = jax.device_put(loaded.params, runtime.shardings.params)
+    try:
+        return runtime.evaluate(params, it, limit=batches or None, progress=f"eval {split}" if progress else None)
+    except ValueError as e:
+        raise ValueError(f"split {split!r}: {e}") from None

@@ -1,24 +1,25 @@
-"""The `herd` command line: `herd train --config=experiments/<name>.py[:arg] --workdir=DIR`.
+"""The `herd` command line: `herd train --config=experiments/<name>.py[:arg] --workdir=DIR [--config.KEY=VALUE]`.
 
-Subcommands live in a registry; each reads the parsed absl flags.
+Subcommands live in a registry; each reads the parsed absl flags. `--config.KEY=VALUE`
+arguments are taken out before absl parses the rest and applied with
+`train.config.apply_overrides`, the same function sweeps and tests use.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable
 
+import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
 from train.malloc import tune_malloc
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/base.py:smoke.", lock_config=True)
+flags.DEFINE_string("config", None, "train: the experiment file, path[:arg], e.g. experiments/base.py:smoke; "
+                    "--config.KEY=VALUE sets any declared key (train/config.py).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run.json.")
 # sample
 flags.DEFINE_string("hf", None, "sample: a Hugging Face Llama folder to load instead of --workdir.")
@@ -34,7 +35,11 @@ flags.DEFINE_integer("batches", 0, "eval: number of batches (0 = the whole split
 # convert
 flags.DEFINE_string("to-hf", None, "convert: write the run's latest checkpoint as a Hugging Face folder here.")
 flags.DEFINE_string("from-hf", None, "convert: import this Hugging Face folder into --workdir.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "convert --to-hf: stored dtype.")
+flags.DEFINE_string("dtype", "float32", "convert --to-hf: stored dtype (float32, bfloat16 or float16).")
+
+_CONFIG_OVERRIDES: list[str] = []  # the `KEY=VALUE` of each --config.KEY=VALUE, in order
+# Subcommands that read an experiment (--config and its overrides).
+_EXPERIMENT_COMMANDS = ("train",)
 
 
 def _require(*names: str) -> None:
@@ -43,11 +48,19 @@ def _require(*names: str) -> None:
             raise ValueError(f"--{name} is required")
 
 
+def experiment_config() -> ml_collections.ConfigDict:
+    """The --config experiment with every --config.KEY=VALUE override applied (and checked)."""
+    from train.config import experiment_from_cli
+
+    _require("config")
+    return experiment_from_cli(FLAGS.config, _CONFIG_OVERRIDES)
+
+
 def cmd_train() -> None:
     _require("config", "workdir")
     from train.loop import train_and_evaluate
 
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(experiment_config(), FLAGS.workdir)
 
 
 def cmd_sample() -> None:
@@ -83,8 +96,12 @@ def cmd_convert() -> None:
 
     from train import convert
 
+    from model.config import DTYPES
+
     to_hf, from_hf = FLAGS["to-hf"].value, FLAGS["from-hf"].value
     _require("workdir")
+    if FLAGS.dtype not in DTYPES:
+        raise ValueError(f"--dtype={FLAGS.dtype!r} is not one of {', '.join(DTYPES)}")
     if (to_hf is None) == (from_hf is None):
         raise ValueError("give exactly one of --to-hf=OUT (export --workdir) or --from-hf=PATH (import into --workdir)")
     report = convert.to_hf(FLAGS.workdir, to_hf, dtype=FLAGS.dtype) if to_hf else convert.from_hf(from_hf, FLAGS.workdir)
@@ -99,59 +116,25 @@ COMMANDS: dict[str, Callable[[], None]] = {
 }
 
 
-def load_experiment(spec: str):
-    """Calls get_config(arg) of `path[:arg]`, as config_flags does."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_herd_experiment", path)
-    if module_spec is None or not os.path.exists(path):
-        raise ValueError(f"--config={spec}: no experiment file {path!r}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def _dotted_keys(config, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        keys.append(prefix + key)
-        if hasattr(value, "items"):
-            keys.extend(_dotted_keys(value, prefix + key + "."))
-    return keys
-
-
-def explain_override_error(argv: Sequence[str]) -> str | None:
-    """For a misspelt `--config.a.b=...`, a message naming it and the closest valid keys."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None:
-        return None
-    config = load_experiment(spec)
-    valid = _dotted_keys(config)
-    for arg in argv:
-        if arg.startswith("--config."):
-            key = arg[len("--config."):].split("=", 1)[0]
-            if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-                hint = f"; did you mean {', '.join(close)}?" if close else "; see experiments/base.py for every key"
-                return f"--config.{key}: no such key in {spec}{hint}"
-    return None
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing of everything but the --config.KEY=VALUE overrides, which are kept for the experiment."""
+    from train.config import split_cli_overrides
+
+    rest, overrides = split_cli_overrides(argv)
+    _CONFIG_OVERRIDES.extend(overrides)
     try:
-        return FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - absl/ml_collections raise many kinds for a bad flag
-        try:
-            message = explain_override_error(argv)
-        except Exception:  # noqa: BLE001 - fall back to the original message
-            message = None
-        message = message or " ".join(str(e).split())
-        print(f"herd: error: {message}", file=sys.stderr)
+        return FLAGS(rest)
+    except flags.Error as e:
+        print(f"herd: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
 
 
 def _run(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: herd {{{'|'.join(COMMANDS)}}} [--flags]; got {' '.join(argv[1:]) or 'nothing'}")
+    if _CONFIG_OVERRIDES and argv[1] not in _EXPERIMENT_COMMANDS:
+        raise app.UsageError(f"herd {argv[1]} takes no --config.KEY=VALUE overrides (only herd "
+                             f"{'/'.join(_EXPERIMENT_COMMANDS)} reads an experiment)")
     from train.mesh import maybe_initialize_distributed
 
     logging.getLogger("absl").setLevel(logging.WARNING)

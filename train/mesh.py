@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -103,11 +104,11 @@ def batch_sharding(mesh: Mesh, rules: axes.Rules, ndim: int = 2) -> NamedShardin
     return NamedSharding(mesh, spec)
 
 
-def data_parallel_size(mesh: Mesh, rules: axes.Rules) -> int:
-    """How many ways the global batch is split."""
+def data_parallel_size(axis_sizes: Mapping[str, int], rules: axes.Rules) -> int:
+    """How many ways the global batch is split, for mesh axis sizes (e.g. `mesh.shape`)."""
     spec = nn.logical_to_mesh_axes((axes.ACT_BATCH,), rules)[0]
     group = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return math.prod(mesh.shape[a] for a in group)
+    return math.prod(axis_sizes[a] for a in group)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

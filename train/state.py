@@ -11,32 +11,26 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from model import ModelConfig
+from model import ModelConfig, axes
 from model.llama import Llama
-from model import axes
 from train import mesh as mesh_lib
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes. `rng` is raw key data so it checkpoints as an array."""
+    """Everything a step reads and writes."""
 
     step: jax.Array
     params: Any
     opt_state: Any
-    rng: jax.Array
 
 
 def _init_boxed(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
     """The initial state with parameters (and their optimizer moments) still boxed in logical axes."""
-    init_key, state_key = jax.random.split(jax.random.key(seed))
+    # The first half of a split, as when the state also carried a key: the same seed draws the same weights.
+    init_key, _ = jax.random.split(jax.random.key(seed))
     params = Llama(model_cfg).init(init_key, jnp.zeros((1, 1), jnp.int32))["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.key_data(state_key),
-    )
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from model import ModelConfig, axes, forward
 from train import mesh as mesh_lib
@@ -136,14 +136,4 @@ def jit_over_mesh(
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(*args)
 
-    call.lower = lambda *args: _lower(jitted, mesh, rules, *args)  # type: ignore[attr-defined]
     return call
-
-
-def _lower(jitted: Any, mesh: Mesh, rules: axes.Rules, *args: Any) -> Any:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jitted.lower(*args)
-
-
-def replicated_tree(mesh: Mesh, tree: Any) -> Any:
-    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)

@@ -6,6 +6,7 @@ function of the seed and k alone) and exposes its position as a JSON-able
 state that checkpoints save and restore.
 """
 
-from train.data.base import Dataset, BatchIterator, build_dataset, SOURCES
+from train.data.base import BatchIterator, Dataset
+from train.data.sources import SOURCES, RunData, build_dataset, open_data, register_source
 
-__all__ = ["SOURCES", "BatchIterator", "Dataset", "build_dataset"]
+__all__ = ["SOURCES", "BatchIterator", "Dataset", "RunData", "build_dataset", "open_data", "register_source"]

@@ -52,12 +52,12 @@ import hashlib
 import json
 import os
 import weakref
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import grain
+from absl import flags as absl_flags
 import ml_collections
 import numpy as np
-from absl import flags
 
 from train.data import builders
 from train.data.base import Batch, BatchIterator, Dataset, local_rows
@@ -252,7 +252,12 @@ class TfdsIterator(BatchIterator):
         weakref.finalize(self, self._it.close)
 
     def __next__(self) -> Batch:
-        return next(self._it)
+        try:
+            return next(self._it)
+        except absl_flags.UnparsedFlagAccessError:
+            # grain's worker processes read grain's absl flags; an absl app (the herd CLI) has parsed them.
+            raise ValueError("data.worker_count > 0 needs absl flags parsed: run inside an absl app (the herd CLI) "
+                             "or call absl.flags.FLAGS.mark_as_parsed() first") from None
 
     def get_state(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, **self._layout, "position": self._it.get_state()}
@@ -348,8 +353,6 @@ class TfdsDataset(Dataset):
         ds = ds.repeat(epochs)[process_index::process_count][document:].map(Tokenize(self.tokenizer, self.text_key))
         docs = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if self.workers:
-            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use the defaults
-                flags.FLAGS.mark_as_parsed()
             docs = docs.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=2))
         packed = PackIterDataset(docs, self.seq_len + 1, self.tokenizer.pad_id, document, offset)
         if self.shuffle_rows:
@@ -381,9 +384,6 @@ class TfdsDataset(Dataset):
 
     def fingerprint(self) -> str:
         return "tfds-" + _spec_hash(dict(stream=self.stream(), seq_len=self.seq_len))
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens))
 
 
 def build_tfds(config: ml_collections.ConfigDict, split: str, vocab_size: int) -> Dataset:
