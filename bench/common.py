@@ -28,7 +28,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import flags  # noqa: E402
 
-from train.config import apply_overrides, experiment_from_cli, split_cli_overrides  # noqa: E402
+from train.config import apply_overrides  # noqa: E402
+from train.experiment import experiment_from_cli, split_cli_overrides  # noqa: E402
 from train.data import open_data  # noqa: E402
 from train.malloc import tune_malloc  # noqa: E402
 from train.runtime import Runtime  # noqa: E402

@@ -13,10 +13,11 @@ from __future__ import annotations
 import ml_collections
 
 from train import config as config_lib
+from train.experiment import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, smoke=False)
+    args = parse_arg(arg, smoke=False)
     c = config_lib.defaults()
     if args.smoke:
         apply_smoke(c)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import base
-from train.config import parse_arg
+from train.experiment import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,7 +15,8 @@ import ml_collections
 
 from model import ModelConfig, generate
 from train.checkpoint import Checkpointer, CheckpointError
-from train.config import apply_overrides, from_record
+from train.config import apply_overrides
+from train.experiment import from_record
 from train.data import build_dataset
 from train.data.tokenizers import Tokenizer, build_tokenizer
 from train.runtime import Runtime, local_data_parallel

@@ -50,7 +50,7 @@ def _require(*names: str) -> None:
 
 def experiment_config() -> ml_collections.ConfigDict:
     """The --config experiment with every --config.KEY=VALUE override applied (and checked)."""
-    from train.config import experiment_from_cli
+    from train.experiment import experiment_from_cli
 
     _require("config")
     return experiment_from_cli(FLAGS.config, _CONFIG_OVERRIDES)
@@ -118,7 +118,7 @@ COMMANDS: dict[str, Callable[[], None]] = {
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl parsing of everything but the --config.KEY=VALUE overrides, which are kept for the experiment."""
-    from train.config import split_cli_overrides
+    from train.experiment import split_cli_overrides
 
     rest, overrides = split_cli_overrides(argv)
     _CONFIG_OVERRIDES.extend(overrides)
