@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+from model.mup import PARAMETRIZATIONS, Multipliers
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Named rematerialisation policies: what each block keeps for its backward pass (model/llama.py).
@@ -14,6 +18,31 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
     "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+
+
+def relu_squared(x: jax.Array) -> jax.Array:
+    """relu(x)^2, Primer's MLP activation (arXiv:2109.08668)."""
+    return jnp.square(jax.nn.relu(x))
+
+
+class MLPActivation(NamedTuple):
+    """An MLP nonlinearity: `fn(x W_gate) * (x W_up)` when `gated` (a GLU), else `fn(x W_up)`."""
+
+    fn: Callable[[jax.Array], jax.Array]
+    gated: bool
+
+
+# The MLP activations of Shazeer, "GLU Variants Improve Transformer" (arXiv:2002.05202): the gated
+# GLU variants (three matrices) and the plain MLPs they are compared with (two matrices). GELU is
+# jax.nn.gelu's tanh form (arXiv:1606.08415), as in GPT-2 and T5 v1.1.
+MLP_ACTIVATIONS: dict[str, MLPActivation] = {
+    "swiglu": MLPActivation(jax.nn.silu, gated=True),  # Llama's
+    "geglu": MLPActivation(jax.nn.gelu, gated=True),
+    "reglu": MLPActivation(jax.nn.relu, gated=True),
+    "gelu": MLPActivation(jax.nn.gelu, gated=False),
+    "relu": MLPActivation(jax.nn.relu, gated=False),
+    "relu2": MLPActivation(relu_squared, gated=False),
 }
 
 
@@ -37,7 +66,9 @@ class ModelConfig:
     """Shape and numerics of a Llama-family decoder.
 
     `head_dim=None` means `d_model // n_heads`. Multi-head, grouped-query and
-    multi-query attention differ only in `n_kv_heads`.
+    multi-query attention differ only in `n_kv_heads`. `d_ff` is the hidden
+    width of a gated MLP; an ungated one is `mlp_hidden` = 3/2 d_ff wide (see
+    `mlp_activation`).
     """
 
     vocab_size: int
@@ -57,6 +88,16 @@ class ModelConfig:
     # output head at zero, so each block begins as the identity and the first logits are
     # uniform (Fixup, arXiv:1901.09321; modded-nanogpt). The rest keeps init_std.
     zero_init_outputs: bool = False
+    # The MLP's nonlinearity, a name of MLP_ACTIVATIONS. An ungated MLP (gelu, relu, relu2) has two
+    # matrices 3/2 d_ff wide, so its parameters and FLOPs equal the gated one's three at d_ff
+    # (arXiv:2002.05202: d_ff 3072 against 2048 at d_model 768).
+    mlp_activation: str = "swiglu"
+    # How initialisation, learning rates and multipliers scale with width: "sp" (standard, a constant
+    # init_std) or "mup" (maximal update, arXiv:2203.03466), which equals "sp" at d_model ==
+    # mup_base_width and keeps activations and the best learning rate stable as d_model grows from
+    # there (model/mup.py). mup_base_width is required by "mup" and ignored by "sp".
+    parametrization: str = "sp"
+    mup_base_width: int | None = None
     # Implementation choices: they never change the function computed.
     scan_layers: bool = True
     remat_policy: str = "none"
@@ -80,10 +121,13 @@ class ModelConfig:
             )
         if self.head_size % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_size} must be even for rotary embeddings")
-        if self.rope_theta <= 0:
-            raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta!r}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"ModelConfig.norm_eps must be positive, got {self.norm_eps!r}")
+        # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must fail here too.
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ModelConfig.{name} must be a finite positive number, got {value!r}")
+        if not (isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std) and self.init_std >= 0):
+            raise ValueError(f"ModelConfig.init_std must be a finite number >= 0, got {self.init_std!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}"
@@ -91,10 +135,29 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.mlp_activation={self.mlp_activation!r} is not one of {', '.join(MLP_ACTIVATIONS)}"
+            )
+        if not self.mlp_gated and self.d_ff % 2:
+            raise ValueError(
+                f"ModelConfig.d_ff={self.d_ff} must be even with the ungated mlp_activation={self.mlp_activation!r},"
+                " whose hidden width is 3/2 d_ff (to match the gated MLP's parameters)"
+            )
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"ModelConfig.parametrization={self.parametrization!r} is not one of {', '.join(PARAMETRIZATIONS)}"
+            )
+        base = self.mup_base_width
+        if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base <= 0):
+            raise ValueError(f"ModelConfig.mup_base_width must be a positive integer or None, got {base!r}")
+        PARAMETRIZATIONS[self.parametrization](self)  # its own checks (model/mup.py), naming the field
         rs = self.rope_scaling
         if isinstance(rs, dict):  # convenient in configs and overrides
             object.__setattr__(self, "rope_scaling", rs := RopeScaling(**rs))
         if rs is not None:
+            if not all(math.isfinite(v) for v in (rs.factor, rs.low_freq_factor, rs.high_freq_factor)):
+                raise ValueError(f"ModelConfig.rope_scaling needs finite factors, got {rs}")
             if rs.factor < 1 or rs.original_max_seq_len <= 0:
                 raise ValueError(f"ModelConfig.rope_scaling needs factor >= 1 and original_max_seq_len > 0, got {rs}")
             if not 0 < rs.low_freq_factor < rs.high_freq_factor:
@@ -106,6 +169,21 @@ class ModelConfig:
     def head_size(self) -> int:
         """The per-head dimension H, derived when `head_dim` is None."""
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def mlp_gated(self) -> bool:
+        """Whether the MLP is a GLU (gate, up and down matrices) or plain (up and down)."""
+        return MLP_ACTIVATIONS[self.mlp_activation].gated
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width F: d_ff gated, 3/2 d_ff ungated (equal parameters, arXiv:2002.05202)."""
+        return self.d_ff if self.mlp_gated else 3 * self.d_ff // 2
+
+    @property
+    def multipliers(self) -> Multipliers:
+        """The parametrization's width multipliers (all 1 under "sp"; see model/mup.py)."""
+        return PARAMETRIZATIONS[self.parametrization](self)
 
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""

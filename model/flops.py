@@ -21,8 +21,9 @@ def matmul_params(cfg: ModelConfig) -> int:
     The input embedding is a lookup and norms are elementwise, so neither
     counts; the output head does (once, also when tied to the embedding).
     """
-    d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.d_ff
-    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+    d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.mlp_hidden
+    mlp_matrices = 3 if cfg.mlp_gated else 2  # gate, up, down; or up, down (3/2 as wide: the same count)
+    per_layer = d * n * h + 2 * d * k * h + n * h * d + mlp_matrices * d * f
     return cfg.n_layers * per_layer + d * cfg.vocab_size
 
 

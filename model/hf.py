@@ -7,7 +7,8 @@ weights are stored [out, in]; ours are [in, out] with heads split out (q
 [D, N, H], o [N, H, D]). Both sides use the "rotate_half" rotary layout, so q
 and k need no permutation. Anything the decoder cannot represent (biases,
 other activations, other rope types, missing or mis-shaped tensors) is
-rejected with one line naming the key or tensor.
+rejected with one line naming the key or tensor; so is, on export, anything
+transformers' Llama cannot represent (another MLP activation, μP multipliers).
 """
 
 from __future__ import annotations
@@ -160,8 +161,28 @@ def config_from_hf(hf: dict[str, Any], *, source: str = CONFIG_FILE, **overrides
         raise HFFormatError(f"{source}: {message}") from None
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raises HFFormatError naming the field if transformers' Llama would compute a different function.
+
+    Its MLP is SwiGLU only, and it has no μP multipliers (logits times base/width, attention
+    logits times sqrt(H0)/H instead of 1/sqrt(H)); μP at its base width has none, so it exports.
+    """
+    if cfg.mlp_activation != "swiglu":
+        raise HFFormatError(
+            f"ModelConfig.mlp_activation={cfg.mlp_activation!r} cannot be exported: transformers' LlamaForCausalLM"
+            " has a SwiGLU MLP only (mlp_activation='swiglu')"
+        )
+    if not cfg.multipliers.identity:
+        raise HFFormatError(
+            f"ModelConfig.parametrization={cfg.parametrization!r} at d_model={cfg.d_model} != mup_base_width="
+            f"{cfg.mup_base_width} cannot be exported: transformers' LlamaForCausalLM has no output or attention"
+            " logit multipliers"
+        )
+
+
 def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
     """The transformers `LlamaForCausalLM` config dict for `cfg` (rope written in the 5.x and legacy forms)."""
+    check_exportable(cfg)
     if cfg.d_model % cfg.n_heads:
         # transformers' LlamaConfig.validate_architecture rejects this even with an explicit head_dim.
         raise HFFormatError(
@@ -204,7 +225,7 @@ def _index_entries(path: Path) -> dict[str, dict[str, Any]]:
         raise HFFormatError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
     try:
         weight_map = dict(json.loads(index_file.read_text())["weight_map"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, RecursionError, KeyError, TypeError, ValueError) as e:
         raise HFFormatError(f"{index_file}: not a safetensors index with a 'weight_map' object ({e})") from None
     headers: dict[str, dict[str, dict[str, Any]]] = {}
     entries = {}
@@ -235,7 +256,7 @@ def load(
         raise HFFormatError(f"{path}: no {CONFIG_FILE}")
     try:
         hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
         raise HFFormatError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise HFFormatError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")

@@ -5,7 +5,7 @@ Axis legend (used in every variable suffix and einsum subscript):
   D model dim      N query heads        K kv heads
   G query heads per kv head (N = K * G) H head dim
   F mlp hidden dim V vocabulary         L layers
-  C the stacked gate and up projections of the MLP
+  C the stacked gate and up projections of the MLP (model/mlp.py)
 """
 
 from __future__ import annotations
@@ -74,9 +74,14 @@ def init_normal(std: float) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=std)
 
 
-def output_init(cfg: ModelConfig) -> nn.initializers.Initializer:
+def hidden_std(cfg: ModelConfig) -> float:
+    """Init std of the hidden matrices (attention, MLP): init_std, times sqrt(base / width) under μP (model/mup.py)."""
+    return cfg.init_std * cfg.multipliers.hidden_init
+
+
+def output_init(cfg: ModelConfig, std: float) -> nn.initializers.Initializer:
     """The initializer of a projection that writes into the residual stream or the logits."""
-    return nn.initializers.zeros if cfg.zero_init_outputs else init_normal(cfg.init_std)
+    return nn.initializers.zeros if cfg.zero_init_outputs else init_normal(std)
 
 
 def logical_param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], init) -> jax.Array:
@@ -181,17 +186,22 @@ class Attention(nn.Module):
     def setup(self) -> None:
         cfg = self.cfg
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
-        init = init_normal(cfg.init_std)
+        std = hidden_std(cfg)
+        init = init_normal(std)
         self.wq_DNH = logical_param(self, "q", (d, n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), init)
         self.wk_DKH = logical_param(self, "k", (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), init)
         self.wv_DKH = logical_param(self, "v", (d, k, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), init)
-        self.wo_NHD = logical_param(self, "o", (n, h, d), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), output_init(cfg))
+        out_init = output_init(cfg, std)
+        self.wo_NHD = logical_param(self, "o", (n, h, d), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), out_init)
 
     def project_qkv(
         self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Query, key and value heads, with rotary embeddings applied to q and k.
 
+        Under μP the queries carry the extra attention-logit scale sqrt(H0 / H), which makes
+        `attend`'s q·k / sqrt(H) the paper's q·k · sqrt(H0) / H (model/mup.py); here, so that the
+        KV-cache decoder, which calls this method and attends with its own kernel, gets it too.
         Three plain matmuls: one over a stacked [D, K, G + 2, H] weight was no faster in
         float32 and slower in bfloat16 on CPU (bench/README.md, "one QKV matmul").
         """
@@ -202,6 +212,9 @@ class Attention(nn.Module):
         q_BTNH = nn.with_logical_constraint(q_BTNH, (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_HEADS, None))
         k_BTKH = nn.with_logical_constraint(k_BTKH, (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_KV_HEADS, None))
         v_BTKH = nn.with_logical_constraint(v_BTKH, (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_KV_HEADS, None))
+        query_scale = self.cfg.multipliers.query
+        if query_scale != 1.0:  # standard parametrization (and μP at its base width) skip the multiply
+            q_BTNH = q_BTNH * jnp.asarray(query_scale, q_BTNH.dtype)
         return apply_rope(q_BTNH, cos_BTh, sin_BTh), apply_rope(k_BTKH, cos_BTh, sin_BTh), v_BTKH
 
     def project_out(self, out_BTNH: jax.Array) -> jax.Array:
@@ -210,61 +223,3 @@ class Attention(nn.Module):
     def __call__(self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array, mask_BTS: jax.Array) -> jax.Array:
         q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD, cos_BTh, sin_BTh)
         return self.project_out(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
-
-
-# Below this many rows (a decode step's batch) the stacked gate+up weight costs more than it saves:
-# stacking copies both weights on every call, and XLA:CPU runs a stacked dot over a few rows
-# slower per FLOP than two plain ones (bench/README.md).
-_STACKED_GATE_UP_MIN_ROWS = 256
-
-
-@jax.custom_vjp
-def swiglu_stacked(gate_up_BTCF: jax.Array) -> jax.Array:
-    """silu(gate) * up from gate and up stacked on axis 2 ([B, T, 2, F] -> [B, T, F]).
-
-    Its own gradient writes the stacked cotangent in one elementwise pass; autodiff of the
-    two slices pads each slice's cotangent to [B, T, 2, F] and adds them, two more passes
-    over the largest activation of the block (bench/README.md).
-    """
-    return jax.nn.silu(gate_up_BTCF[:, :, 0]) * gate_up_BTCF[:, :, 1]
-
-
-def _swiglu_stacked_fwd(gate_up_BTCF: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return swiglu_stacked(gate_up_BTCF), gate_up_BTCF
-
-
-def _swiglu_stacked_bwd(gate_up_BTCF: jax.Array, d_BTF: jax.Array) -> tuple[jax.Array]:
-    gate_BTF, up_BTF = gate_up_BTCF[:, :, 0], gate_up_BTCF[:, :, 1]
-    sig_BTF = jax.nn.sigmoid(gate_BTF)
-    d_gate_BTF = d_BTF * up_BTF * sig_BTF * (1 + gate_BTF * (1 - sig_BTF))
-    return (jnp.stack([d_gate_BTF, d_BTF * gate_BTF * sig_BTF], axis=2).astype(gate_up_BTCF.dtype),)
-
-
-swiglu_stacked.defvjp(_swiglu_stacked_fwd, _swiglu_stacked_bwd)
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward block (arXiv:2002.05202)."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        init = init_normal(cfg.init_std)
-        dt = dtype_of(cfg.dtype)
-        w_gate_DF = logical_param(self, "gate", (cfg.d_model, cfg.d_ff), (axes.EMBED, axes.MLP), init)
-        w_up_DF = logical_param(self, "up", (cfg.d_model, cfg.d_ff), (axes.EMBED, axes.MLP), init)
-        w_down_FD = logical_param(self, "down", (cfg.d_ff, cfg.d_model), (axes.MLP, axes.EMBED), output_init(cfg))
-        if x_BTD.shape[0] * x_BTD.shape[1] >= _STACKED_GATE_UP_MIN_ROWS:
-            # Gate and up as one matmul over a stacked [D, 2, F] weight: one pass over x instead of two
-            # (bench/README.md); stacking on a new axis keeps F sharded where it was.
-            w_DCF = jnp.stack([w_gate_DF, w_up_DF], axis=1).astype(dt)
-            gate_up_BTCF = einsum("BTD,DCF->BTCF", x_BTD, w_DCF)
-            h_BTF = swiglu_stacked(gate_up_BTCF)
-        else:
-            gate_BTF = einsum("BTD,DF->BTF", x_BTD, w_gate_DF.astype(dt))
-            up_BTF = einsum("BTD,DF->BTF", x_BTD, w_up_DF.astype(dt))
-            h_BTF = jax.nn.silu(gate_BTF) * up_BTF
-        h_BTF = nn.with_logical_constraint(h_BTF, (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_MLP))
-        return einsum("BTF,FD->BTD", h_BTF, w_down_FD.astype(dt))

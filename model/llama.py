@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from model import axes
 from model.config import REMAT_POLICIES, ModelConfig
 from model.layers import (
-    MLP,
     Attention,
     RMSNorm,
     attend,
@@ -24,6 +23,7 @@ from model.layers import (
     output_init,
     rope_tables,
 )
+from model.mlp import MLP
 
 Params = dict[str, Any]
 # Attention from projected heads: (q_BTNH, k_BTKH, v_BTKH) -> out_BTNH.
@@ -90,9 +90,10 @@ class Llama(nn.Module):
             self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = RMSNorm(cfg, name="final_norm")
         if not cfg.tie_embeddings:
-            self.lm_head_DV = logical_param(
-                self, "lm_head", (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB), output_init(cfg)
-            )
+            # Under μP the head keeps init_std: its logits carry the 1/m multiplier instead (model/mup.py).
+            head_init = output_init(cfg, cfg.init_std)
+            shape, names = (cfg.d_model, cfg.vocab_size), (axes.EMBED, axes.VOCAB)
+            self.lm_head_DV = logical_param(self, "lm_head", shape, names, head_init)
 
     def embed(self, tokens_BT: jax.Array) -> jax.Array:
         x_BTD = jnp.take(self.embedding_VD, tokens_BT, axis=0).astype(dtype_of(self.cfg.dtype))
@@ -107,13 +108,20 @@ class Llama(nn.Module):
         return x_BTD
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
-        """Final norm and output head; logits are float32 whatever the compute dtype."""
+        """Final norm and output head; logits are float32 whatever the compute dtype.
+
+        Under μP the logits are multiplied by mup_base_width / d_model (arXiv:2203.03466 Table 8),
+        here, where the KV-cache decoder computes its logits too.
+        """
         x_BTD = self.final_norm(x_BTD)
         dt = dtype_of(self.cfg.dtype)
         if self.cfg.tie_embeddings:
             logits_BTV = einsum("BTD,VD->BTV", x_BTD, self.embedding_VD.astype(dt), jnp.float32)
         else:
             logits_BTV = einsum("BTD,DV->BTV", x_BTD, self.lm_head_DV.astype(dt), jnp.float32)
+        output_scale = self.cfg.multipliers.output
+        if output_scale != 1.0:  # standard parametrization (and μP at its base width) skip the multiply
+            logits_BTV = logits_BTV * output_scale
         return nn.with_logical_constraint(logits_BTV, (axes.ACT_BATCH, axes.ACT_SEQ, axes.ACT_VOCAB))
 
     def __call__(

@@ -24,6 +24,8 @@ class HFFormatError(ValueError):
 
 # BF16 is read as raw little-endian bits, then viewed as ml_dtypes.bfloat16 after a native-order copy.
 _ST_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+# The reference implementation refuses headers over 100 MB (safetensors/src/tensor.rs, MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
 _WRITE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
 
 
@@ -38,10 +40,14 @@ def read_safetensors_header(file: str | os.PathLike) -> tuple[dict[str, dict[str
         n = int.from_bytes(raw, "little")
         if n > size - 8:
             raise HFFormatError(f"{file}: header length {n} runs past the end of the file ({size} bytes)")
+        if n > MAX_HEADER_BYTES:
+            raise HFFormatError(f"{file}: header length {n} exceeds the format's limit of {MAX_HEADER_BYTES} bytes")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HFFormatError(f"{file}: safetensors header is not valid JSON ({e})") from None
+        except RecursionError:  # e.g. [[[[...]]]] nested deeper than Python's parser recurses
+            raise HFFormatError(f"{file}: safetensors header nests too deeply to be a tensor table") from None
     if not isinstance(header, dict):
         raise HFFormatError(f"{file}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

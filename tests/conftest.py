@@ -2,10 +2,17 @@
 
 import os
 import re
+import tempfile
 
 # Must happen before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Hermetic: matplotlib's font cache goes to a temporary folder, not ~/.cache.
+os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="herd_test_mpl_"))
+# Hermetic too: `herd` subprocesses cache compiled steps, and TFDS prepares datasets (and herd its trained
+# tokenizers), in temporary folders instead of ~/.cache/herd and ~/tensorflow_datasets.
+os.environ.setdefault("HERD_XLA_CACHE", tempfile.mkdtemp(prefix="herd_test_xla_"))
+os.environ.setdefault("TFDS_DATA_DIR", tempfile.mkdtemp(prefix="herd_test_tfds_"))
 # The suite is dominated by XLA:CPU compile time on two cores; LLVM optimisation
 # level 0 roughly halves it and does not change what is computed.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:

@@ -88,7 +88,7 @@ def test_packed_documents_equal_separate_runs(params):
 
 def test_mlp_gives_the_same_rows_through_the_stacked_and_the_separate_weights(params):
     """Many rows run gate and up as one stacked matmul, a few rows (a decode step) as two; same values."""
-    from model.layers import _STACKED_GATE_UP_MIN_ROWS, MLP
+    from model.mlp import _STACKED_GATE_UP_MIN_ROWS, MLP
 
     rows = _STACKED_GATE_UP_MIN_ROWS
     mlp = MLP(TINY)
@@ -104,7 +104,7 @@ def test_mlp_gives_the_same_rows_through_the_stacked_and_the_separate_weights(pa
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_swiglu_over_stacked_gate_up_has_the_gradient_of_the_plain_formula(dtype):
-    from model.layers import swiglu_stacked
+    from model.mlp import swiglu_stacked
 
     gate_up = (3 * jax.random.normal(jax.random.key(1), (2, 5, 2, 7))).astype(dtype)
     cotangent = jax.random.normal(jax.random.key(2), (2, 5, 7)).astype(dtype)

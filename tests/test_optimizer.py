@@ -179,7 +179,7 @@ def optimizer_config(name: str, **overrides: Any) -> Any:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("name", sorted(opt.OPTIMIZERS))
 def test_weight_decay_moves_matrices_but_not_norms_or_embedding(name: str, layout: str) -> None:
-    tx, _ = opt.build_optimizer(optimizer_config(name))
+    tx, _ = opt.build_optimizer(optimizer_config(name), TINY)
     params = params_in("plain", layout)  # every leaf is nonzero, so decay shows wherever it applies
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates = first_update(tx, zeros, params)
@@ -197,7 +197,7 @@ def test_weight_decay_moves_matrices_but_not_norms_or_embedding(name: str, layou
 @pytest.mark.parametrize("name", sorted(opt.OPTIMIZERS))
 def test_decay_flags_reach_the_optimizer(name: str) -> None:
     c = optimizer_config(name, **{"optimizer.decay_embeddings": True, "optimizer.decay_norms": True})
-    tx, _ = opt.build_optimizer(c)
+    tx, _ = opt.build_optimizer(c, TINY)
     params = params_in("plain", "scanned")
     updates = first_update(tx, jax.tree.map(jnp.zeros_like, params), params)
     assert all(bool(jnp.all(u != 0)) for u in jax.tree.leaves(updates))
@@ -206,7 +206,7 @@ def test_decay_flags_reach_the_optimizer(name: str) -> None:
 def test_clipping_bounds_the_update() -> None:
     c = optimizer_config("sgd", **{"optimizer.b1": 0.0, "optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.5})
     c.optimizer.lr = 1.0
-    tx, _ = opt.build_optimizer(c)
+    tx, _ = opt.build_optimizer(c, TINY)
     params = params_in("plain", "scanned")
     grads = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)
     updates = first_update(tx, grads, params)
@@ -219,7 +219,7 @@ def test_clipping_bounds_the_update() -> None:
 def test_grad_clip_zero_disables_clipping() -> None:
     c = optimizer_config("sgd", **{"optimizer.b1": 0.0, "optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0})
     c.optimizer.lr = 1.0
-    tx, _ = opt.build_optimizer(c)
+    tx, _ = opt.build_optimizer(c, TINY)
     params = params_in("plain", "scanned")
     grads = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)
     updates = first_update(tx, grads, params)
@@ -229,7 +229,7 @@ def test_grad_clip_zero_disables_clipping() -> None:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("name", sorted(opt.OPTIMIZERS))
 def test_state_shapes_from_boxed_abstract_params(name: str, layout: str) -> None:
-    tx, _ = opt.build_optimizer(optimizer_config(name))
+    tx, _ = opt.build_optimizer(optimizer_config(name), TINY)
     abstract = model.abstract_params(LAYOUTS[layout])
     state = jax.eval_shape(tx.init, abstract)
     # The moments keep the parameters' logical axes, which is what shards the state.
@@ -241,7 +241,7 @@ def test_state_shapes_from_boxed_abstract_params(name: str, layout: str) -> None
 
 @pytest.mark.parametrize("name", sorted(opt.OPTIMIZERS))
 def test_update_on_boxed_params_matches_plain(name: str) -> None:
-    tx, _ = opt.build_optimizer(optimizer_config(name))
+    tx, _ = opt.build_optimizer(optimizer_config(name), TINY)
     boxed = params_in("boxed", "scanned")
     plain = nn.meta.unbox(boxed)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), plain)
@@ -301,8 +301,8 @@ def test_muon_reads_inputs_as_rows_and_keeps_layers_apart() -> None:
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_muon_orthogonalises_each_hidden_matrix_and_gives_the_rest_to_adamw(layout: str) -> None:
     overrides = {"optimizer.weight_decay": 0.0, "optimizer.grad_clip": 0.0}
-    muon_tx, _ = opt.build_optimizer(optimizer_config("muon", **overrides))
-    adamw_tx, _ = opt.build_optimizer(optimizer_config("adamw", **overrides))
+    muon_tx, _ = opt.build_optimizer(optimizer_config("muon", **overrides), TINY)
+    adamw_tx, _ = opt.build_optimizer(optimizer_config("adamw", **overrides), TINY)
     params = params_in("plain", layout)
     rng = np.random.default_rng(1)
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
@@ -336,7 +336,7 @@ def test_muon_adam_lr_multiplier_scales_only_the_adamw_part() -> None:
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     updates = {}
     for multiplier in (1.0, 3.0):
-        tx, _ = opt.build_optimizer(optimizer_config("muon", **{"optimizer.muon_adam_lr_multiplier": multiplier}))
+        tx, _ = opt.build_optimizer(optimizer_config("muon", **{"optimizer.muon_adam_lr_multiplier": multiplier}), TINY)
         updates[multiplier] = first_update(tx, grads, params)
     for (path, one), three in zip(jax.tree_util.tree_flatten_with_path(updates[1.0])[0], jax.tree.leaves(updates[3.0])):
         names = names_of(path)
@@ -416,7 +416,7 @@ def test_validation_errors_name_the_field(case: str) -> None:
     config = make_config(**overrides)
     for check in (opt.validate, opt.build_optimizer):
         with pytest.raises(ValueError) as err:
-            check(config)
+            check(config, TINY)
         message = str(err.value)
         assert "\n" not in message
         for fragment in fragments:
@@ -433,7 +433,25 @@ def test_schedule_errors_also_come_from_build_schedule() -> None:
 def test_base_configs_are_valid(arg: str | None, schedule: str) -> None:
     config = get_config(arg)
     config.schedule.name = schedule
-    opt.validate(config)
-    tx, sched = opt.build_optimizer(config)
+    opt.validate(config, TINY)
+    tx, learning_rate = opt.build_optimizer(config, TINY)
     assert isinstance(tx, optax.GradientTransformation)
-    assert float(sched(config.train.steps)) >= 0.0
+    state = tx.init(model.init_params(TINY, jax.random.key(0)))
+    final = float(learning_rate(state, jnp.asarray(config.train.steps)))
+    # The lr read from the optimizer state (the injected peak lr) follows the host-side schedule.
+    np.testing.assert_allclose(final, float(opt.build_schedule(config)(config.train.steps)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_learning_rate_and_weight_decay_are_not_compiled_into_the_step(tiny_config, name: str) -> None:
+    # They live in the optimizer state (optax.inject_hyperparams): a learning-rate or weight-decay
+    # sweep compiles one step for all its trials (the persistent cache keys on this text).
+    from train.runtime import Runtime
+
+    def step_text(**overrides: Any) -> str:
+        config = tiny_config(**{"optimizer.name": name, "mesh.data": 1, **overrides})
+        return Runtime(config, TINY.replace(vocab_size=256), jax.devices()[:1]).lower_train_step().as_text()
+
+    reference = step_text()
+    assert step_text(**{"optimizer.lr": 7e-3, "optimizer.weight_decay": 0.0}) == reference
+    assert step_text(**{"optimizer.b1": 0.8}) != reference  # other hyperparameters are compiled in

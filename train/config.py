@@ -83,6 +83,10 @@ def defaults() -> ConfigDict:
     c.data.validation_fraction = 0.1  # text_folder: share of files held out
     c.data.on_invalid_utf8 = "error"  # error | skip (skip counts and warns)
     c.data.shuffle = True
+    # Keep attention within each packed document (Llama 3, arXiv:2407.21783 §3.2). False is that
+    # paper's ablation: a packed row is one sequence, attended causally across its documents, with
+    # positions 0..T-1 along the row; which targets count (loss_mask) does not change (train/step.py).
+    c.data.document_mask = True
     # tfds train rows are emitted in blocks of about this many tokens (32 MB), each block in a
     # seeded random order, so a batch samples many documents (train/data/pipeline.py); 0: in order.
     c.data.shuffle_tokens = 2**21
@@ -97,6 +101,12 @@ def defaults() -> ConfigDict:
     c.train.batch_size = 16  # global batch, in sequences
     c.train.microbatches = 1  # gradient accumulation: batch_size / microbatches per pass
     c.train.z_loss = 0.0  # weight of log(Z)^2 (arXiv:2204.02311 §5)
+    # A step whose loss or gradients are not finite is never applied (train/guard.py); then
+    # halt: stop at once | skip: go on, halting after max_skips such steps in a row.
+    c.train.on_nonfinite = "halt"
+    c.train.max_skips = 10
+    c.train.spike_factor = 0.0  # > 1: flag a loss above this multiple of its running mean (0: off)
+    c.train.on_spike = "warn"  # warn | skip (do not apply that step's update)
 
     c.optimizer = ConfigDict()
     c.optimizer.name = "adamw"  # adamw | sgd | lion | muon (Muon on hidden matrices, adamw on the rest)
@@ -127,6 +137,21 @@ def defaults() -> ConfigDict:
     c.log.every = 1  # steps between metric rows
     c.log.progress = True  # live progress bar on the terminal
     c.log.peak_flops = config_dict.placeholder(float)  # per device; None = known table or measured matmul peak
+    # Weights & Biases (pip install 'herd[track]'): online with WANDB_API_KEY set, else offline under the workdir.
+    c.log.wandb = False
+    c.log.wandb_project = "herd"  # herd sweep sets the experiment's name
+    c.log.wandb_group = config_dict.placeholder(str)  # herd sweep sets the sweep's directory name
+    c.log.wandb_name = config_dict.placeholder(str)  # None: the run directory's name (a sweep's trial slug)
+
+    # herd sweep --executor=slurm: what each trial's job asks for (not part of a trial's hash).
+    c.slurm = ConfigDict()
+    c.slurm.partition = config_dict.placeholder(str)  # None: the cluster's default partition
+    c.slurm.account = config_dict.placeholder(str)
+    c.slurm.time_min = 60  # wall-clock limit of one trial's job, in minutes
+    c.slurm.cpus_per_trial = 2
+    c.slurm.gpus_per_trial = 0
+    c.slurm.mem_gb = config_dict.placeholder(int)  # None: the partition's default
+    c.slurm.parallelism = 0  # most trials running at once (0: no cap beyond the cluster's)
     c.lock()
     return c
 
@@ -145,7 +170,10 @@ def model_config(config: ConfigDict, data_vocab: int | None = None) -> ModelConf
         overrides["rope_scaling"] = RopeScaling(**config.model.rope_scaling.to_dict())
     if data_vocab is not None and "vocab_size" not in overrides:
         overrides["vocab_size"] = data_vocab
-    cfg = get_variant(config.model.variant, **overrides)
+    try:
+        cfg = get_variant(config.model.variant, **overrides)
+    except ValueError as e:  # name the experiment's key, not the dataclass field
+        raise ValueError(str(e).replace("ModelConfig.", "model.")) from None
     if data_vocab is not None and cfg.vocab_size < data_vocab:
         raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {data_vocab} tokens")
     return cfg

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from typing import Any, Iterator
 
 import jax
@@ -17,10 +18,14 @@ from model import ModelConfig, generate
 from train.checkpoint import Checkpointer, CheckpointError
 from train.config import apply_overrides
 from train.experiment import from_record
-from train.data import build_dataset
+from train.data import Dataset, build_dataset
 from train.data.tokenizers import Tokenizer, build_tokenizer
 from train.runtime import Runtime, local_data_parallel
 from train.workdir import RunDir
+
+
+# train.data.builders.TEXT_SUFFIXES, named here so that loading a run does not import TFDS (seconds).
+TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 @dataclasses.dataclass
@@ -33,14 +38,23 @@ class Loaded:
     config: ml_collections.ConfigDict | None = None
     step: int | None = None
     source: str = ""
+    workdir: str | None = None
 
 
 def _run_record(workdir: str | os.PathLike) -> dict[str, Any]:
+    """run.json, checked to hold the config and model a run records (the error names the file)."""
     path = RunDir(workdir).run_info
     if not path.is_file():
         raise FileNotFoundError(f"--workdir={workdir} has no {path.name}: not a herd run directory")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is the run's record of its config, "
+                         "which herd needs to load the run") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict) or \
+            not isinstance(record.get("extra"), dict) or not isinstance(record["extra"].get("model"), dict):
+        raise ValueError(f"{path} lacks the run's config or extra.model: not a run.json written by herd train")
+    return record
 
 
 def config_from_run(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -49,10 +63,15 @@ def config_from_run(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def load_workdir(workdir: str | os.PathLike, devices: list[jax.Device] | None = None) -> Loaded:
-    """Parameters of the latest checkpoint in `workdir`, on `devices` (default: all local ones, data parallel)."""
+    """Parameters of the newest verified checkpoint in `workdir`, on `devices` (default: all local ones, data
+    parallel). Read-only: a damaged checkpoint is skipped with a warning, never moved."""
     config = config_from_run(workdir)
-    model_cfg = ModelConfig(**_run_record(workdir)["extra"]["model"])
-    ckpt = Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False)
+    path = RunDir(workdir).run_info
+    try:
+        model_cfg = ModelConfig(**_run_record(workdir)["extra"]["model"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: extra.model is not a model config herd can build ({e})") from None
+    ckpt = Checkpointer(workdir, every=1, keep=config.checkpoint.keep, async_save=False, read_only=True)
     try:
         if ckpt.latest_step() is None:
             raise CheckpointError(f"--workdir={workdir} has no checkpoint yet (nothing under {ckpt.directory})")
@@ -60,7 +79,8 @@ def load_workdir(workdir: str | os.PathLike, devices: list[jax.Device] | None = 
         step, state, _ = ckpt.restore(runtime.abstract_state())
     finally:
         ckpt.close()
-    return Loaded(model_cfg, state.params, run_tokenizer(config, workdir), config, step, f"{workdir} (step {step})")
+    return Loaded(model_cfg, state.params, run_tokenizer(config, workdir), config, step, f"{workdir} (step {step})",
+                  os.fspath(workdir))
 
 
 def run_tokenizer(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Tokenizer | None:
@@ -84,12 +104,12 @@ def tokenizer_from_file(path: str | os.PathLike) -> Tokenizer:
     raise ValueError(f"{path} is neither a SentencePiece model nor a tiktoken BPE file ({'; '.join(errors)})")
 
 
-def load_hf_dir(path: str | os.PathLike) -> Loaded:
-    """A Hugging Face Llama folder, with its `tokenizer.model` when it has one."""
+def load_hf_dir(path: str | os.PathLike, flag: str = "--hf") -> Loaded:
+    """A Hugging Face Llama folder, with its `tokenizer.model` when it has one (`flag` names it in errors)."""
     from model import hf
 
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"--hf={path} is not a directory")
+        raise FileNotFoundError(f"{flag}={path} is not a directory")
     model_cfg, params = hf.load(path)
     tok_file = os.path.join(path, hf.TOKENIZER_FILE)
     tokenizer = tokenizer_from_file(tok_file) if os.path.isfile(tok_file) else None
@@ -161,20 +181,87 @@ def sample_text(
 def evaluate_split(
     loaded: Loaded, split: str, *, batches: int = 0, dataset: str | None = None, progress: bool = True
 ) -> dict[str, float]:
-    """Loss, perplexity and bits per byte of a run's model on `split` (all of it when `batches` is 0)."""
-    if loaded.config is None:
-        raise ValueError("herd eval needs a run directory (--workdir): its config says which data and tokenizer")
+    """Loss, perplexity and bits per byte of a run's model on `split` (all of it when `batches` is 0).
+
+    A `split` that names text instead (a .txt / .jsonl file, a folder or a glob) is `evaluate_text`.
+    """
+    _check_eval(loaded, batches)
+    if dataset is None and is_text_path(split):
+        return evaluate_text(loaded, split, batches=batches, progress=progress)
     overrides = {"data.eval_split": split} | ({"data.dataset": dataset} if dataset else {})
     config = local_data_parallel(apply_overrides(loaded.config, overrides))
-    runtime = Runtime(config, loaded.model_cfg)
     data = build_dataset(config, split, loaded.model_cfg.vocab_size)
+    try:
+        return _evaluate(loaded, config, data, batches, f"eval {split}" if progress else None)
+    except ValueError as e:
+        raise ValueError(f"split {split!r}: {e}") from None
+
+
+def is_text_path(data: str) -> bool:
+    """Whether `--data` names text on disk rather than a split (TFDS split syntax like `train[:10%]` has no `/`)."""
+    return os.path.exists(data) or any(c in data for c in "/*?") or data.endswith(TEXT_SUFFIXES)
+
+
+def evaluate_text(loaded: Loaded, path: str, *, batches: int = 0, progress: bool = True) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of a run's model on a .txt / .jsonl file, folder or glob.
+
+    The text goes through the `text_folder` TFDS builder (one document per .txt file or .jsonl
+    line) prepared in a temporary folder that is removed afterwards, and is tokenized with the
+    run's own tokenizer; every document is read once, in order.
+    """
+    _check_eval(loaded, batches)
+    if loaded.tokenizer is None:
+        raise ValueError(f"--data={path}: {loaded.source} was trained on synthetic token ids and has no tokenizer "
+                         "to read text with")
+    from train.data.builders import find_text_files
+    from train.data.pipeline import TfdsDataset
+
+    try:
+        find_text_files(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--data={path} matched no {' or '.join(TEXT_SUFFIXES)} files; give a file, a folder "
+                                "or a glob of them, or a split name") from None
+    # The run's own tokenizer file, so that nothing is trained on the text being evaluated.
+    tokenizer = {"data.tokenizer.name": loaded.tokenizer.name}
+    tok_file = RunDir(loaded.workdir).tokenizer if loaded.workdir else None
+    if tok_file is not None and tok_file.is_file():
+        tokenizer["data.tokenizer.path"] = str(tok_file)
+    elif loaded.tokenizer.model_file() is not None and not loaded.config.data.tokenizer.path:
+        raise FileNotFoundError(f"--data={path}: the run's {loaded.tokenizer.name} tokenizer file "
+                                f"{RunDir(loaded.workdir or '.').tokenizer} is missing")
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # preparing a few files is quick; its bars would bury the result
+    with tempfile.TemporaryDirectory(prefix="herd_eval_") as tmp:
+        overrides = {"data.source": "tfds", "data.dataset": "text_folder", "data.text_path": os.path.abspath(path),
+                     "data.text_key": "text", "data.validation_fraction": 0.0, "data.data_dir": tmp,
+                     "data.shuffle": False, "data.worker_count": 0, **tokenizer}
+        config = local_data_parallel(apply_overrides(loaded.config, overrides))
+        try:
+            data = TfdsDataset(config, "train", train=False)  # text_folder puts every file in "train" at fraction 0
+        except ValueError as e:
+            raise ValueError(f"--data={path}: {e}") from None
+        if data.vocab_size != loaded.model_cfg.vocab_size:
+            raise ValueError(f"--data={path}: the run's tokenizer has {data.vocab_size} tokens but its model "
+                             f"{loaded.model_cfg.vocab_size}")
+        return _evaluate(loaded, config, data, batches, f"eval {path}" if progress else None)
+
+
+def _check_eval(loaded: Loaded, batches: int) -> None:
+    if loaded.config is None:
+        raise ValueError("herd eval needs a run directory (--workdir): its config says which data and tokenizer")
+    if batches < 0:
+        raise ValueError(f"--batches={batches} must be >= 0 (0 evaluates all of the data once)")
+
+
+def _evaluate(loaded: Loaded, config: ml_collections.ConfigDict, data: Dataset, batches: int,
+              progress: str | None) -> dict[str, float]:
+    """`Runtime.evaluate` over `batches` batches of `data`, or one whole pass when it is finite and `batches` is 0."""
+    runtime = Runtime(config, loaded.model_cfg)
     finite = hasattr(data, "pipeline")  # TFDS splits end; synthetic ones go on forever
     if batches == 0 and not finite:
         batches = config.eval.batches
     kwargs = {"epochs": 1} if batches == 0 else {}
     it = data.iterator(config.train.batch_size, jax.process_index(), jax.process_count(), **kwargs)
     params = jax.device_put(loaded.params, runtime.shardings.params)
-    try:
-        return runtime.evaluate(params, it, limit=batches or None, progress=f"eval {split}" if progress else None)
-    except ValueError as e:
-        raise ValueError(f"split {split!r}: {e}") from None
+    return runtime.evaluate(params, it, limit=batches or None, progress=progress)

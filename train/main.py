@@ -8,6 +8,7 @@ arguments are taken out before absl parses the rest and applied with
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from typing import Callable
@@ -30,16 +31,38 @@ flags.DEFINE_integer("top_k", 0, "sample: keep the k most likely tokens (0 keeps
 flags.DEFINE_float("top_p", 1.0, "sample: nucleus probability mass (1 keeps all).")
 flags.DEFINE_integer("seed", 0, "sample: random seed.")
 # eval
-flags.DEFINE_string("data", None, "eval: SPLIT or DATASET:SPLIT (default: the run's eval split).")
+flags.DEFINE_string("data", None, "eval: SPLIT, DATASET:SPLIT, or your own text: a .txt/.jsonl file, a folder or "
+                    "a glob, read with the run's tokenizer (default: the run's eval split).")
 flags.DEFINE_integer("batches", 0, "eval: number of batches (0 = the whole split once).")
 # convert
 flags.DEFINE_string("to-hf", None, "convert: write the run's latest checkpoint as a Hugging Face folder here.")
 flags.DEFINE_string("from-hf", None, "convert: import this Hugging Face folder into --workdir.")
 flags.DEFINE_string("dtype", "float32", "convert --to-hf: stored dtype (float32, bfloat16 or float16).")
+# sweep
+flags.DEFINE_integer("seeds", 0, "sweep: repeat every point with seed = 0 .. N-1 (0: the experiment's own seed).")
+flags.DEFINE_integer("parallel", None, "sweep: trials at once on this machine, each pinned to its share of the CPUs.")
+flags.DEFINE_string("executor", "local", "sweep: local (a process pool here) or slurm (a submitit job array).")
+flags.DEFINE_integer("max_failures", -1, "sweep: stop starting trials after this many failures (-1: never).")
+flags.DEFINE_bool("retry_failed", False, "sweep: run failed trials again (done ones never are).")
+flags.DEFINE_bool("dry_run", False, "sweep: print the trial table (status, directory, overrides) and exit.")
+# report
+flags.DEFINE_string("metric", "eval/bits_per_byte", "report: the metric of the table and plots (lower is better "
+                    "unless --maximize).")
+flags.DEFINE_bool("maximize", False, "report: higher --metric is better.")
+flags.DEFINE_string("x", None, "report: the swept key on the x axis of the final-metric plot (default: the first).")
+flags.DEFINE_string("by", None, "report: one line per value of this swept key in the final-metric plot.")
+flags.DEFINE_string("where", None, "report: only the trials whose point has KEY=VALUE[,KEY=VALUE].")
+flags.DEFINE_string("format", "md", "report: md (report.md and PNG plots), csv or json (printed).")
+# plan
+flags.DEFINE_string("target", None, "plan: tpu:<v4|v5e|v5p|v6e>:<topology> (e.g. tpu:v5p:8x8x16), "
+                    "gpu:<a100|h100|h200>:<count> or cpu[:<count>]; --format=json prints JSON.")
+flags.DEFINE_bool("search", False, "plan: also try micro-batch counts, remat policies and rule presets; print the "
+                  "fastest plan that fits, or the smallest change that would.")
 
 _CONFIG_OVERRIDES: list[str] = []  # the `KEY=VALUE` of each --config.KEY=VALUE, in order
 # Subcommands that read an experiment (--config and its overrides).
-_EXPERIMENT_COMMANDS = ("train",)
+_EXPERIMENT_COMMANDS = ("train", "sweep", "plan")
+_POSITIONAL: list[str] = []  # arguments after the subcommand (herd report takes its directories so)
 
 
 def _require(*names: str) -> None:
@@ -88,7 +111,10 @@ def cmd_eval() -> None:
     dataset, _, split = (FLAGS.data or "").rpartition(":")
     split = split or loaded.config.data.eval_split
     result = inference.evaluate_split(loaded, split, batches=FLAGS.batches, dataset=dataset or None)
-    print(json.dumps({"workdir": FLAGS.workdir, "step": loaded.step, "split": split, **result}))
+    # JSON has no NaN or Infinity: a diverged model's loss is reported as null (and named), not as invalid JSON.
+    bad = sorted(k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v))
+    result = {k: None if k in bad else v for k, v in result.items()} | ({"not_finite": bad} if bad else {})
+    print(json.dumps({"workdir": FLAGS.workdir, "step": loaded.step, "split": split, **result}, allow_nan=False))
 
 
 def cmd_convert() -> None:
@@ -108,11 +134,65 @@ def cmd_convert() -> None:
     print(json.dumps({"verified_against": "transformers", **report}))
 
 
+def cmd_sweep() -> None:
+    from train.sweep import DEFAULT_PARALLEL, run_sweep
+
+    _require("config", "workdir")
+    from train.experiment import parse_cli_overrides
+
+    config = experiment_config()  # checks the experiment and every --config.KEY=VALUE first
+    result = run_sweep(FLAGS.config, FLAGS.workdir, parse_cli_overrides(config, _CONFIG_OVERRIDES),
+                       seeds=FLAGS.seeds, parallel=FLAGS.parallel or DEFAULT_PARALLEL, executor=FLAGS.executor,
+                       max_failures=FLAGS.max_failures, retry_failed=FLAGS.retry_failed, dry_run=FLAGS.dry_run)
+    if result.outcome == "interrupted":
+        print("herd sweep: interrupted; running trials saved a checkpoint; run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    if result.failed or result.outcome == "stopped":
+        stopped = " (stopped after --max_failures)" if result.outcome == "stopped" else ""
+        raise ValueError(f"{len(result.failed)} of {len(result.statuses)} trials failed{stopped}; their errors are in "
+                         f"{FLAGS.workdir}/*/trial.json; --retry_failed runs them again")
+
+
+def cmd_report() -> None:
+    from train.report import write_report
+
+    if not _POSITIONAL:
+        raise ValueError("herd report needs a sweep or run directory: herd report sweeps/x [--metric=...]")
+    for path in write_report(_POSITIONAL, metric=FLAGS.metric, maximize=FLAGS.maximize, x=FLAGS.x, by=FLAGS.by,
+                             fmt=FLAGS.format, where=FLAGS.where):
+        print(path)
+
+
+def cmd_plan() -> None:
+    import json
+
+    import jax
+
+    from train import plan_target
+
+    _require("config")
+    fmt = FLAGS.format if FLAGS["format"].present else "text"
+    if fmt not in ("text", "json"):
+        raise ValueError(f"--format={fmt}: herd plan prints text or json")
+    plan_target.prepare_process(FLAGS.target)  # CPU-only JAX with the target's simulated devices, before any backend
+    # Compile-only TPU executables do not serialise, and a plan compiles each configuration once.
+    jax.config.update("jax_enable_compilation_cache", False)
+    config = experiment_config()
+    from train import plan, plan_search
+
+    result = plan_search.search(config, FLAGS.target) if FLAGS.search else plan.plan(config, FLAGS.target)
+    print(json.dumps(result, indent=1, default=float) if fmt == "json" else plan_search.format_any(result))
+
+
 COMMANDS: dict[str, Callable[[], None]] = {
     "train": cmd_train,
     "sample": cmd_sample,
     "eval": cmd_eval,
     "convert": cmd_convert,
+    "sweep": cmd_sweep,
+    "report": cmd_report,
+    "plan": cmd_plan,
 }
 
 
@@ -130,20 +210,29 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _run(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
+    if len(argv) < 2 or argv[1] not in COMMANDS or (len(argv) > 2 and argv[1] != "report"):
         raise app.UsageError(f"usage: herd {{{'|'.join(COMMANDS)}}} [--flags]; got {' '.join(argv[1:]) or 'nothing'}")
+    _POSITIONAL.extend(argv[2:])
     if _CONFIG_OVERRIDES and argv[1] not in _EXPERIMENT_COMMANDS:
         raise app.UsageError(f"herd {argv[1]} takes no --config.KEY=VALUE overrides (only herd "
                              f"{'/'.join(_EXPERIMENT_COMMANDS)} reads an experiment)")
     from train.mesh import maybe_initialize_distributed
+    from train.plan_target import quiet_libtpu_without_tpus
+
+    quiet_libtpu_without_tpus()  # libtpu (the `tpu` extra, for herd plan) on a host without TPUs
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     # JAX reports probing for absent backends ("Unable to initialize backend 'tpu'") at INFO, which absl shows.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     maybe_initialize_distributed()  # before any other JAX call
     _enable_compilation_cache()
+    from train.signals import Interrupted
+
     try:
         COMMANDS[argv[1]]()
+    except Interrupted as e:
+        print(f"herd {argv[1]}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("HERD_DEBUG"):
             raise
@@ -161,7 +250,22 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", directory)
 
 
+def _help(argv: list[str]) -> bool:
+    """Prints help for `herd [command] (-h | --help | help)`; False when no help was asked for."""
+    words = argv[1:]
+    asked = [w for w in words if w in ("-h", "--help", "-help", "--helpfull", "help")]
+    if not asked:
+        return False
+    from train.cli_help import help_text
+
+    named = [w for w in words if w in COMMANDS]
+    print(help_text(list(COMMANDS), named[0] if named else None))
+    return True
+
+
 def main() -> None:
+    if _help(sys.argv):
+        sys.exit(0)
     try:
         tune_malloc()
     except ValueError as e:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -19,20 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def maybe_initialize_distributed() -> None:
-    """Starts jax.distributed when launched as one of several processes.
+    """Starts jax.distributed when launched as one of several processes, with bounded waits.
 
     Must run before any other JAX call. Explicit variables (JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES, JAX_PROCESS_ID) take precedence; on clusters JAX
-    detects (SLURM, Cloud TPU, ...) set HERD_DISTRIBUTED=1 to auto-detect.
+    detects (SLURM, Cloud TPU, ...) set HERD_DISTRIBUTED=1 to auto-detect. Missing
+    or dead peers end every process within HERD_DISTRIBUTED_TIMEOUT seconds (default
+    60) with one line naming the coordinator (train/distributed.py).
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-    elif os.environ.get("HERD_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+    from train.distributed import initialize_from_env
+
+    initialize_from_env()
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:

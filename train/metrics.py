@@ -9,8 +9,10 @@ Only process 0 writes files.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
@@ -104,18 +106,23 @@ class MetricWriter:
         progress: bool = False,
         enabled: bool | None = None,
         progress_file: TextIO | None = None,
+        wandb: Mapping[str, Any] | None = None,
     ) -> None:
+        """`wandb`: keyword arguments of `wandb.init` (project, group, name, config) to also log there."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl: TextIO | None = None
         self._tb: Any = None
         self._bar: Any = None
+        self._wandb: Any = None
         if not self.enabled:
             return
         run = RunDir(workdir)
         run.root.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run.metrics, "a", encoding="utf-8")
-        # Imported here: tensorboardX imports torch when it is installed (seconds).
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _summary_writer_class()
+
+        # It warns of every NaN it is given; a non-finite step is reported once, by train/guard.py.
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
         self._tb = SummaryWriter(
             logdir=str(run.tensorboard),
@@ -128,6 +135,8 @@ class MetricWriter:
             self._bar = tqdm(
                 total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=progress_file
             )
+        if wandb is not None:
+            self._wandb = start_wandb(run, **wandb)
 
     @property
     def progress_bar(self) -> Any:
@@ -149,6 +158,8 @@ class MetricWriter:
         self._jsonl.flush()
         for key, value in values.items():
             self._tb.add_scalar(key, value, global_step=int(step))
+        if self._wandb is not None:
+            self._wandb.log(values, step=int(step))
         if self._bar is not None and not prefix:
             self._update_bar(int(step), values)
 
@@ -174,9 +185,46 @@ class MetricWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def start_wandb(run: RunDir, *, project: str, group: str | None, name: str | None, config: Mapping[str, Any]) -> Any:
+    """A Weights & Biases run writing under `<workdir>/wandb`: online with WANDB_API_KEY set, else offline
+    (`wandb sync` uploads it later). Its id is fixed by the run directory, so a resumed run continues it."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("log.wandb=True needs the wandb package: pip install 'herd[track]'") from None
+    import hashlib
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    run_id = hashlib.sha256(str(run.root).encode()).hexdigest()[:16]
+    return wandb.init(project=project, group=group, name=name or run.root.name, id=run_id, resume="allow",
+                      dir=str(run.root), config=dict(config), mode=mode, settings=wandb.Settings(silent=True))
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch, when it is installed, only to accept torch tensors (herd
+    passes floats); that import costs over a second of every run's start-up. Unless torch
+    is loaded already, it is hidden for the duration of the import (a None entry in
+    sys.modules makes `import torch` raise ImportError, which tensorboardX handles).
+    """
+    if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter

@@ -1,10 +1,14 @@
 """The optax chain built from an experiment config: schedules, clipping, weight-decay masks, the optimizers.
 
-`validate(config)` checks every optimizer and schedule field without building
-anything, so the trainer can fail before compiling. `build_optimizer(config)`
-returns `(tx, schedule)`: global-norm clipping (when `optimizer.grad_clip > 0`)
-followed by the registered optimizer, which reads its learning rate from the
-registered schedule. Gradient accumulation is the train step's job, not ours.
+`validate(config, model_cfg)` checks every optimizer and schedule field without
+building anything, so the trainer can fail before compiling.
+`build_optimizer(config, model_cfg)` returns `(tx, schedule)`: global-norm
+clipping (when `optimizer.grad_clip > 0`) followed by the registered optimizer,
+which reads its learning rate from the registered schedule. Gradient
+accumulation is the train step's job, not ours. The model config brings the
+parametrization: under μP (`model.parametrization=mup`, model/mup.py) the
+optimizer comes from `MUP_OPTIMIZERS`, which scale the hidden matrices' updates
+and Adam's epsilon with width.
 
 Weight decay is masked by parameter name (see `weight_decay_mask`) so that it
 works on plain parameters, on the scanned layout (where norm scales are 2-D)
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -25,9 +30,13 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
+from model import ModelConfig
+from model.mup import Multipliers, is_hidden_matrix
 from train.muon import muon_labels, param_names, scale_by_muon
 
 Mask = Callable[[Any], Any]
+# The `optimizer.*` fields as attributes; `lr` and `weight_decay` may be traced (see INJECTED).
+OptimizerFields = Any
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -103,7 +112,12 @@ SCHEDULES: dict[str, Callable[[ConfigDict, float, int], optax.Schedule]] = {
 def build_schedule(config: ConfigDict) -> optax.Schedule:
     """The learning-rate schedule named by `config.schedule.name`, peaking at `config.optimizer.lr`."""
     _check_schedule(config)
-    return SCHEDULES[config.schedule.name](config.schedule, float(config.optimizer.lr), int(config.train.steps))
+    return schedule_of(config, float(config.optimizer.lr))
+
+
+def schedule_of(config: ConfigDict, lr: float | jax.Array) -> optax.Schedule:
+    """`config`'s schedule peaking at `lr`, which may be traced (the optimizer state's injected lr)."""
+    return SCHEDULES[config.schedule.name](config.schedule, lr, int(config.train.steps))
 
 
 # ----------------------------------------------------------------------------- weight-decay mask
@@ -143,12 +157,12 @@ def weight_decay_mask(params: Any, *, decay_embeddings: bool, decay_norms: bool)
 # ----------------------------------------------------------------------------- optimizers
 
 
-def adamw(oc: ConfigDict, schedule: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
+def adamw(oc: OptimizerFields, schedule: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
     """Adam with decoupled weight decay (arXiv:1711.05101); optax scales the decay by the lr, as PyTorch does."""
     return optax.adamw(schedule, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay, mask=mask)
 
 
-def sgd(oc: ConfigDict, schedule: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
+def sgd(oc: OptimizerFields, schedule: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
     """SGD with heavy-ball momentum `b1` and decoupled weight decay (arXiv:1711.05101), kept out of the momentum."""
     return optax.chain(
         optax.trace(decay=oc.b1),
@@ -157,12 +171,12 @@ def sgd(oc: ConfigDict, schedule: optax.Schedule, mask: Mask) -> optax.GradientT
     )
 
 
-def lion(oc: ConfigDict, schedule: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
+def lion(oc: OptimizerFields, schedule: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
     """Lion (arXiv:2302.06675): sign updates; the paper uses a 3-10x smaller lr and larger weight decay than AdamW."""
     return optax.lion(schedule, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay, mask=mask)
 
 
-def muon(oc: ConfigDict, schedule: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
+def muon(oc: OptimizerFields, schedule: optax.Schedule, mask: Mask) -> optax.GradientTransformation:
     """Muon (Jordan et al. 2024, modded-nanogpt) on the hidden matrices, this AdamW on everything else.
 
     Hidden matrices (attention q/k/v/o, MLP gate/up/down) follow `scale_by_muon`
@@ -183,7 +197,7 @@ def muon(oc: ConfigDict, schedule: optax.Schedule, mask: Mask) -> optax.Gradient
     return optax.partition({"muon": hidden, "adam": adamw(oc, adam_schedule, mask)}, muon_labels)
 
 
-OPTIMIZERS: dict[str, Callable[[ConfigDict, optax.Schedule, Mask], optax.GradientTransformation]] = {
+OPTIMIZERS: dict[str, Callable[[OptimizerFields, optax.Schedule, Mask], optax.GradientTransformation]] = {
     "adamw": adamw,
     "sgd": sgd,
     "lion": lion,
@@ -191,21 +205,89 @@ OPTIMIZERS: dict[str, Callable[[ConfigDict, optax.Schedule, Mask], optax.Gradien
 }
 
 
-def build_optimizer(config: ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`(tx, schedule)`: optional global-norm clipping, then the configured optimizer driven by the schedule.
+# ----------------------------------------------------------------------------- μP (model/mup.py)
 
-    `tx.update` needs `params` (weight decay reads them). The schedule is
-    returned so the loop can log the learning rate of each step.
+
+def hidden_matrix_mask(params: Any) -> Any:
+    """A tree of bools shaped like `params` (boxes kept, as `weight_decay_mask`): True on the hidden matrices."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: is_hidden_matrix(param_names(path)), params)
+
+
+def _mup_chain(
+    direction: optax.GradientTransformation, oc: OptimizerFields, schedule: optax.Schedule, mask: Mask, mults: Multipliers
+) -> optax.GradientTransformation:
+    """`direction`, its hidden-matrix entries times base/width, then decoupled decay and the learning rate.
+
+    The decay term is added after the width scaling, so its per-step size lr * weight_decay is the
+    same at every width (the mup package's MuAdamW: lr / m and weight_decay * m on hidden matrices).
+    At the base width the scale is 1.0 and this is exactly the standard-parametrization chain.
     """
-    validate(config)
+    return optax.chain(
+        direction,
+        optax.masked(optax.scale(mults.hidden_lr), hidden_matrix_mask),
+        optax.add_decayed_weights(oc.weight_decay, mask),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def mup_adamw(oc: OptimizerFields, schedule: optax.Schedule, mask: Mask, mults: Multipliers) -> optax.GradientTransformation:
+    """`adamw` under μP (arXiv:2203.03466 Tables 3 and 8): hidden-matrix lr / m, epsilon / m (model/mup.py)."""
+    adam = optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps * mults.adam_eps)
+    return _mup_chain(adam, oc, schedule, mask, mults)
+
+
+def mup_lion(oc: OptimizerFields, schedule: optax.Schedule, mask: Mask, mults: Multipliers) -> optax.GradientTransformation:
+    """`lion` under μP: its sign updates are entrywise normalised like Adam's, so Adam's rule applies (the
+    mup package's advice for "Adam-like" optimizers): hidden-matrix lr / m. Lion has no epsilon."""
+    return _mup_chain(optax.scale_by_lion(b1=oc.b1, b2=oc.b2), oc, schedule, mask, mults)
+
+
+# Optimizers with a μP learning-rate rule. Not here: sgd (Table 3's SGD column scales the input and
+# output layers' learning rates too) and muon, whose orthogonalised updates have a fixed spectral
+# norm and call for a different width rule (arXiv:2310.17813) that nothing here has checked.
+MUP_OPTIMIZERS: dict[str, Callable[[OptimizerFields, optax.Schedule, Mask, Multipliers],
+                                   optax.GradientTransformation]] = {
+    "adamw": mup_adamw,
+    "lion": mup_lion,
+}
+
+
+# The hyperparameters sweeps vary most live in the optimizer state (optax.inject_hyperparams) instead of
+# being compiled into the step as constants: trials that differ only in them share one compiled step
+# through the persistent compilation cache. Others (betas, schedule shape, ...) are compiled in.
+INJECTED = ("lr", "weight_decay")
+LearningRate = Callable[[Any, jax.Array], jax.Array]  # (opt_state, step) -> that step's learning rate
+
+
+def build_optimizer(config: ConfigDict, model_cfg: ModelConfig) -> tuple[optax.GradientTransformation, LearningRate]:
+    """`(tx, learning_rate)`: optional global-norm clipping, then the configured optimizer driven by the schedule.
+
+    `tx.update` needs `params` (weight decay reads them). `learning_rate(opt_state, step)`
+    is the step's learning rate from the state's injected peak lr, for the loop to log.
+    `model_cfg` chooses the parametrization: a μP model gets `MUP_OPTIMIZERS[optimizer.name]`.
+    """
+    validate(config, model_cfg)
     oc = config.optimizer
-    schedule = build_schedule(config)
     mask = functools.partial(
         weight_decay_mask, decay_embeddings=bool(oc.decay_embeddings), decay_norms=bool(oc.decay_norms)
     )
-    parts = [optax.clip_by_global_norm(oc.grad_clip)] if oc.grad_clip > 0 else []
-    parts.append(OPTIMIZERS[oc.name](oc, schedule, mask))
-    return optax.chain(*parts), schedule
+
+    def make(lr: jax.Array, weight_decay: jax.Array) -> optax.GradientTransformation:
+        hp = types.SimpleNamespace(**{**oc.to_dict(), "lr": lr, "weight_decay": weight_decay})
+        schedule = schedule_of(config, lr)
+        parts = [optax.clip_by_global_norm(oc.grad_clip)] if oc.grad_clip > 0 else []
+        if model_cfg.parametrization == "sp":
+            parts.append(OPTIMIZERS[oc.name](hp, schedule, mask))
+        else:
+            parts.append(MUP_OPTIMIZERS[oc.name](hp, schedule, mask, model_cfg.multipliers))
+        return optax.chain(*parts)
+
+    tx = optax.inject_hyperparams(make)(**{name: float(oc[name]) for name in INJECTED})
+
+    def learning_rate(opt_state: Any, step: jax.Array) -> jax.Array:
+        return schedule_of(config, opt_state.hyperparams["lr"])(step)
+
+    return tx, learning_rate
 
 
 # ----------------------------------------------------------------------------- validation
@@ -258,10 +340,13 @@ def _check_schedule(config: ConfigDict) -> None:
     _SCHEDULE_CHECKS.get(sc.name, lambda c: None)(config)
 
 
-def validate(config: ConfigDict) -> None:
+def validate(config: ConfigDict, model_cfg: ModelConfig) -> None:
     """Raises a one-line ValueError naming the first bad optimizer / schedule field; builds nothing."""
     oc = config.optimizer
     _choice("optimizer.name", oc.name, OPTIMIZERS)
+    if model_cfg.parametrization != "sp" and oc.name not in MUP_OPTIMIZERS:
+        raise ValueError(f"optimizer.name={oc.name!r} has no rule for model.parametrization="
+                         f"{model_cfg.parametrization!r}; use one of: {', '.join(MUP_OPTIMIZERS)}")
     _in_range("optimizer.b1", oc.b1, 0.0, 1.0, hi_open=True)
     _in_range("optimizer.b2", oc.b2, 0.0, 1.0, hi_open=True)
     _in_range("optimizer.eps", oc.eps, 0.0, math.inf, hi_open=True)

@@ -10,6 +10,7 @@ calls it for each point without any device).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from model import ModelConfig, axes
+from train import guard
 from train import mesh as mesh_lib
 from train import optimizer as optimizer_lib
 from train.config import apply_overrides
@@ -29,7 +31,7 @@ LocalBatch = Mapping[str, np.ndarray]
 
 def check(config: ml_collections.ConfigDict, model_cfg: ModelConfig, n_devices: int) -> None:
     """Raises ValueError naming the first field that `herd train` would reject on `n_devices` devices."""
-    optimizer_lib.validate(config)
+    optimizer_lib.validate(config, model_cfg)
     rules = axes.get_rules(config.mesh.rules)
     shape = dict(zip(axes.MESH_AXES, mesh_lib.mesh_shape(config.mesh, n_devices)))
     dp_size = mesh_lib.data_parallel_size(shape, rules)
@@ -52,6 +54,12 @@ def check(config: ml_collections.ConfigDict, model_cfg: ModelConfig, n_devices: 
         raise ValueError(f"eval.every={config.eval.every} must be positive and eval.batches={config.eval.batches} >= 0")
     if config.log.every <= 0:
         raise ValueError(f"log.every={config.log.every} must be positive")
+    guard.check(config)
+    if not (math.isfinite(t.z_loss) and t.z_loss >= 0):
+        raise ValueError(f"train.z_loss={t.z_loss} must be a finite weight >= 0")
+    peak = config.log.peak_flops
+    if peak is not None and not (math.isfinite(peak) and peak > 0):
+        raise ValueError(f"log.peak_flops={peak} must be a finite positive FLOP/s per device (or None: measured)")
     if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
         raise ValueError(f"checkpoint.every={config.checkpoint.every} and checkpoint.keep={config.checkpoint.keep} "
                          "must both be positive")
@@ -73,7 +81,7 @@ class Runtime:
         self.config, self.model_cfg = config, model_cfg
         self.rules = axes.get_rules(config.mesh.rules)
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
-        self.tx, self.schedule = optimizer_lib.build_optimizer(config)
+        self.tx, self.learning_rate = optimizer_lib.build_optimizer(config, model_cfg)
         self.shardings = state_shardings(model_cfg, self.tx, self.mesh, self.rules)
         self.batch_shardings = batch_shardings(self.mesh, self.rules, BATCH_KEYS + ("target_bytes",))
         replicated = mesh_lib.replicated(self.mesh)
@@ -81,15 +89,17 @@ class Runtime:
             train_step,
             model_cfg=model_cfg,
             tx=self.tx,
-            schedule=self.schedule,
+            learning_rate=self.learning_rate,
+            guard_cfg=guard.GuardConfig.from_config(config),
             microbatches=config.train.microbatches,
             z_loss=config.train.z_loss,
+            document_mask=config.data.document_mask,
         )
         self.train_step = jit_over_mesh(
             step, self.mesh, self.rules, (self.shardings, self.batch_shardings), (self.shardings, replicated), (0,)
         )
         self.eval_step = jit_over_mesh(
-            functools.partial(eval_step, model_cfg=model_cfg),
+            functools.partial(eval_step, model_cfg=model_cfg, document_mask=config.data.document_mask),
             self.mesh,
             self.rules,
             (self.shardings.params, self.batch_shardings),
@@ -103,6 +113,16 @@ class Runtime:
     def abstract_state(self) -> Any:
         """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
         return abstract_with_shardings(self.shardings, self.model_cfg, self.tx)
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """ShapeDtypeStructs (with shardings) of one global training batch, as the data pipeline delivers it."""
+        shape = (self.config.train.batch_size, self.config.data.seq_len)
+        dtypes = {"loss_mask": np.float32}
+        return {k: jax.ShapeDtypeStruct(shape, dtypes.get(k, np.int32), sharding=s) for k, s in self.batch_shardings.items()}
+
+    def lower_train_step(self) -> jax.stages.Lowered:
+        """The jitted train step lowered for the abstract state and batch: nothing is allocated (`herd plan`)."""
+        return self.train_step.lower(self.abstract_state(), self.abstract_batch())
 
     @property
     def local_rows(self) -> int:

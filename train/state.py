@@ -13,16 +13,23 @@ from jax.sharding import Mesh
 
 from model import ModelConfig, axes
 from model.llama import Llama
+from train import guard
 from train import mesh as mesh_lib
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes."""
+    """Everything a step reads and writes; `guard` is train/guard.py's (loss running mean, skipped steps)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    guard: dict[str, jax.Array]
+
+    @classmethod
+    def fresh(cls, params: Any, opt_state: Any) -> TrainState:
+        """Step 0 of training from `params` (new, or imported weights)."""
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, guard=guard.initial_state())
 
 
 def _init_boxed(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -30,7 +37,7 @@ def _init_boxed(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: 
     # The first half of a split, as when the state also carried a key: the same seed draws the same weights.
     init_key, _ = jax.random.split(jax.random.key(seed))
     params = Llama(model_cfg).init(init_key, jnp.zeros((1, 1), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainState.fresh(params, tx.init(params))
 
 
 def abstract_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:

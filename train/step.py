@@ -19,21 +19,29 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from model import ModelConfig, axes, forward
+from train import guard
 from train import mesh as mesh_lib
+from train.optimizer import LearningRate
 from train.state import TrainState
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 
 
-def loss_sums(model_cfg: ModelConfig, params: Any, batch: Batch, z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_sums(
+    model_cfg: ModelConfig, params: Any, batch: Batch, z_loss: float, document_mask: bool = True
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Summed (not averaged) objective over the batch's unmasked tokens, and its parts.
 
-    Sums let micro-batches and eval batches of any size combine exactly.
+    Sums let micro-batches and eval batches of any size combine exactly. Without
+    `document_mask` (config `data.document_mask`, the Llama 3 ablation) the packed
+    segments and per-document positions are dropped here, the one place every
+    source's batches reach the model: each row is attended as one causal
+    sequence at positions 0..T-1, and `loss_mask` still leaves out the targets
+    that start a new document, so losses and bytes count the same tokens.
     """
-    logits_BTV = forward(
-        model_cfg, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"]
-    )
+    packing = {"positions": batch["positions"], "segment_ids": batch["segment_ids"]} if document_mask else {}
+    logits_BTV = forward(model_cfg, params, batch["inputs"], **packing)
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BT = batch["loss_mask"].astype(jnp.float32)
@@ -61,12 +69,19 @@ def train_step(
     *,
     model_cfg: ModelConfig,
     tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
+    learning_rate: LearningRate,
+    guard_cfg: guard.GuardConfig = guard.GuardConfig(),
     microbatches: int = 1,
     z_loss: float = 0.0,
+    document_mask: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from the whole global batch (accumulated over micro-batches)."""
-    grad_fn = jax.grad(functools.partial(loss_sums, model_cfg, z_loss=z_loss), has_aux=True)
+    """One optimizer update from the whole global batch (accumulated over micro-batches).
+
+    The update is applied only if train/guard.py's `decide` says so (finite loss, gradients
+    and update); otherwise the parameters and optimizer state stay as they were.
+    """
+    loss_fn = functools.partial(loss_sums, model_cfg, z_loss=z_loss, document_mask=document_mask)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def accumulate(carry: tuple[Any, dict], micro: Batch) -> tuple[tuple[Any, dict], None]:
         grads, sums = carry
@@ -83,22 +98,30 @@ def train_step(
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grad_sums)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    loss, grad_norm, update_norm = sums["ce_sum"] / tokens, optax.tree.norm(grads), optax.tree.norm(updates)
+    apply, guard_state, flags = guard.decide(state.guard, loss, grad_norm, update_norm, guard_cfg)
+    params, opt_state = guard.select(
+        apply, (optax.apply_updates(state.params, updates), opt_state), (state.params, state.opt_state))
     metrics = {
-        "loss": sums["ce_sum"] / tokens,
+        "loss": loss,
         "z_loss": sums["z_sum"] / tokens,
-        "grad_norm": optax.tree.norm(grads),
-        "update_norm": optax.tree.norm(updates),
+        "grad_norm": grad_norm,
+        "update_norm": update_norm,
         "param_norm": optax.tree.norm(params),
-        "lr": schedule(state.step),
+        "lr": learning_rate(state.opt_state, state.step),
         "tokens": sums["tokens"],
+        **flags,
+        "grad_norms": guard.grad_norms(grads, apply, model_cfg.scan_layers),  # forensics; not a scalar
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, guard=guard_state)
+    return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model_cfg: ModelConfig) -> dict[str, jax.Array]:
+def eval_step(
+    params: Any, batch: Batch, *, model_cfg: ModelConfig, document_mask: bool = True
+) -> dict[str, jax.Array]:
     """Summed cross-entropy, token and byte counts of one batch."""
-    _, parts = loss_sums(model_cfg, params, batch, 0.0)
+    _, parts = loss_sums(model_cfg, params, batch, 0.0, document_mask)
     return parts
 
 
@@ -136,4 +159,10 @@ def jit_over_mesh(
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(*args)
 
+    def lower(*args: Any) -> jax.stages.Lowered:
+        """The same jit lowered for (abstract) arguments, under the same mesh and rules: the planner's entry."""
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(*args)
+
+    call.lower = lower  # type: ignore[attr-defined]
     return call

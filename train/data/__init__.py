@@ -7,6 +7,7 @@ state that checkpoints save and restore.
 """
 
 from train.data.base import BatchIterator, Dataset
-from train.data.sources import SOURCES, RunData, build_dataset, open_data, register_source
+from train.data.sources import SOURCES, RunData, build_dataset, check_data, open_data, register_source
 
-__all__ = ["SOURCES", "BatchIterator", "Dataset", "RunData", "build_dataset", "open_data", "register_source"]
+__all__ = ["SOURCES", "BatchIterator", "Dataset", "RunData", "build_dataset", "check_data", "open_data",
+           "register_source"]

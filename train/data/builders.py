@@ -159,10 +159,12 @@ def _glob_root(pattern: str) -> Path:
 
 
 def find_text_files(text_path: str) -> tuple[Path, list[Path]]:
-    """(root, sorted .txt/.jsonl files) of a folder (recursive) or a glob; hidden paths skipped."""
+    """(root, sorted .txt/.jsonl files) of a folder (recursive), a glob or one file; hidden paths skipped."""
     path = os.path.abspath(os.path.expanduser(text_path))
     if _GLOB_CHARS.search(path):
         root, files = _glob_root(path), [Path(p) for p in glob.glob(path, recursive=True)]
+    elif Path(path).is_file():  # one file (herd eval --data=notes.txt)
+        root, files = Path(path).parent, [Path(path)]
     else:
         root, files = Path(path), (list(Path(path).rglob("*")) if Path(path).is_dir() else [])
     files = sorted(

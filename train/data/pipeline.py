@@ -244,6 +244,7 @@ class TfdsIterator(BatchIterator):
 
     def __init__(self, build: Callable[[int, int], grain.IterDataset], layout: dict[str, Any]):
         self._build, self._layout = build, layout
+        self._batches = 0  # yielded since position 0: checkpoints cross-check it against the train step
         self._start(0, 0)
 
     def _start(self, document: int, offset: int, row: int = 0) -> None:
@@ -253,14 +254,16 @@ class TfdsIterator(BatchIterator):
 
     def __next__(self) -> Batch:
         try:
-            return next(self._it)
+            batch = next(self._it)
+            self._batches += 1
+            return batch
         except absl_flags.UnparsedFlagAccessError:
             # grain's worker processes read grain's absl flags; an absl app (the herd CLI) has parsed them.
             raise ValueError("data.worker_count > 0 needs absl flags parsed: run inside an absl app (the herd CLI) "
                              "or call absl.flags.FLAGS.mark_as_parsed() first") from None
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, **self._layout, "position": self._it.get_state()}
+        return {"version": _STATE_VERSION, **self._layout, "position": self._it.get_state(), "batches": self._batches}
 
     def set_state(self, state: dict[str, Any]) -> None:
         position = state.get("position")
@@ -273,6 +276,7 @@ class TfdsIterator(BatchIterator):
                                  f"a position is only valid for {_LAYOUT_HINTS[key]}")
         self.close()
         self._start(int(position["document"]), int(position["offset"]), int(position.get("row", 0)))
+        self._batches = int(state.get("batches", 0))
 
     def close(self) -> None:
         """Stops grain's worker processes, if any."""

@@ -44,6 +44,23 @@ def _builder(name: str) -> Builder:
     return entry
 
 
+def check_data(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first data field that no source would accept; reads nothing."""
+    from train.data.tokenizers import TOKENIZERS
+
+    d = config.data
+    if d.source not in SOURCES:
+        raise ValueError(f"data.source={d.source!r} is not registered; valid sources: {', '.join(sorted(SOURCES))}")
+    if d.seq_len <= 0:
+        raise ValueError(f"data.seq_len={d.seq_len} must be positive")
+    if d.worker_count < 0:
+        raise ValueError(f"data.worker_count={d.worker_count} must be >= 0 (0 tokenizes in the main process)")
+    if d.shuffle_tokens < 0:
+        raise ValueError(f"data.shuffle_tokens={d.shuffle_tokens} must be >= 0 (0: rows in order)")
+    if d.tokenizer.name not in TOKENIZERS:
+        raise ValueError(f"data.tokenizer.name={d.tokenizer.name!r} is not one of: {', '.join(TOKENIZERS)}")
+
+
 def build_dataset(config: ml_collections.ConfigDict, split: str, vocab_size: int) -> Dataset:
     """The `split` of `config.data.source`, for a model of `vocab_size` tokens."""
     name = config.data.source
