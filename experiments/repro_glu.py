@@ -65,4 +65,22 @@ def report(runs: list[Any], out_dir: Path) -> tuple[list[str], list[Path]]:
     if gated and ungated:
         lines.append(f"\nWorst gated {max(gated):.4f} against best ungated {min(ungated):.4f}: every gated variant "
                      f"is {'below' if max(gated) < min(ungated) else 'NOT below'} every ungated one.")
+    lines += ["", *paired_by_seed(runs)]
     return lines, []
+
+
+def paired_by_seed(runs: list[Any]) -> list[str]:
+    """Within each seed (the same data order for every variant): the variants in order, and the gated mean minus
+    the ungated mean. Seed-to-seed spread moves all variants together, so this is the sharper comparison."""
+    by_seed: dict[Any, dict[str, float]] = {}
+    for run in runs:
+        if run.final is not None:
+            by_seed.setdefault(run.seed, {})[run.point["model.mlp_activation"]] = run.final
+    rows = []
+    for seed, finals in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
+        gated = [finals[v] for v in GATED if v in finals]
+        ungated = [finals[v] for v in UNGATED if v in finals]
+        gap = f"{sum(gated) / len(gated) - sum(ungated) / len(ungated):+.4f}" if gated and ungated else "-"
+        order = " < ".join(f"{v} {finals[v]:.4f}" for v in sorted(finals, key=finals.get))
+        rows.append((seed, order, gap))
+    return ["## Paired by seed", "", *_repro.md_table(["seed", "variants, best first", "gated − ungated mean"], rows)]

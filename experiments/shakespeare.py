@@ -28,6 +28,7 @@ import ml_collections
 
 from experiments import base
 from train.experiment import parse_arg
+from train.sweep_space import product
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -89,7 +90,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def sweep():
-    """Optimizer x learning rate around the default (each point is a dotted-key override)."""
-    for name in ("adamw", "muon"):
-        for lr in (1.5e-3, 2.5e-3, 4e-3):
-            yield {"optimizer.name": name, "optimizer.lr": lr}
+    """Optimizer x learning rate, a factor of 2 apart around the default (the README's sweep example)."""
+    return product({"optimizer.name": ["adamw", "muon"]}, {"optimizer.lr": [1e-3, 2e-3, 4e-3, 8e-3]})

@@ -12,6 +12,11 @@ import jax.numpy as jnp
 from model.mup import PARAMETRIZATIONS, Multipliers
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Attention kernels for the full-sequence forward (training, eval, prefill-free scoring): herd's own
+# einsum kernel (model/layers.attend, float32 softmax), or jax.nn.dot_product_attention with its `xla`
+# or `cudnn` (fused flash attention on NVIDIA GPUs, bfloat16/float16 only) implementation. Each
+# computes the same function; the KV-cache decoder keeps its own kernel.
+ATTENTION_IMPLS: dict[str, str | None] = {"herd": None, "xla": "xla", "cudnn": "cudnn"}
 # Named rematerialisation policies: what each block keeps for its backward pass (model/llama.py).
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,  # no remat: keep every activation
@@ -99,6 +104,7 @@ class ModelConfig:
     parametrization: str = "sp"
     mup_base_width: int | None = None
     # Implementation choices: they never change the function computed.
+    attention_impl: str = "herd"
     scan_layers: bool = True
     remat_policy: str = "none"
     param_dtype: str = "float32"
@@ -128,6 +134,13 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a finite positive number, got {value!r}")
         if not (isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std) and self.init_std >= 0):
             raise ValueError(f"ModelConfig.init_std must be a finite number >= 0, got {self.init_std!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"ModelConfig.attention_impl={self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}"
+            )
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
+            raise ValueError("ModelConfig.attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's flash "
+                             "attention has no float32 kernel), got dtype='float32'")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"ModelConfig.remat_policy={self.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}"

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model import axes
-from model.config import ModelConfig, RopeScaling
+from model.config import ATTENTION_IMPLS, ModelConfig, RopeScaling
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -174,6 +175,20 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: ja
     return out_BTKGH.reshape(b, t, n, h)
 
 
+def full_attention(cfg: ModelConfig, mask_BTS: jax.Array) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """`(q_BTNH, k_BSKH, v_BSKH) -> out_BTNH` under `mask_BTS` with the kernel `cfg.attention_impl` names."""
+    implementation = ATTENTION_IMPLS[cfg.attention_impl]
+    if implementation is None:
+        return functools.partial(attend, mask_BTS=mask_BTS)
+
+    def dot_product_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array) -> jax.Array:
+        # Its default scale is attend's 1/sqrt(H); it groups kv heads itself.
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                            implementation=implementation)
+
+    return dot_product_attention
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped kv heads (arXiv:2305.13245) and RoPE.
 
@@ -222,4 +237,4 @@ class Attention(nn.Module):
 
     def __call__(self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array, mask_BTS: jax.Array) -> jax.Array:
         q_BTNH, k_BTKH, v_BTKH = self.project_qkv(x_BTD, cos_BTh, sin_BTh)
-        return self.project_out(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+        return self.project_out(full_attention(self.cfg, mask_BTS)(q_BTNH, k_BTKH, v_BTKH))

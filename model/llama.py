@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,10 +13,10 @@ from model.config import REMAT_POLICIES, ModelConfig
 from model.layers import (
     Attention,
     RMSNorm,
-    attend,
     attention_mask,
     dtype_of,
     einsum,
+    full_attention,
     init_normal,
     logical_param,
     output_init,
@@ -40,7 +39,7 @@ class Block(nn.Module):
     def __call__(
         self, x_BTD: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array, mask_BTS: jax.Array
     ) -> tuple[jax.Array, None]:
-        x_BTD, _, _ = self.with_attention(x_BTD, cos_BTh, sin_BTh, functools.partial(attend, mask_BTS=mask_BTS))
+        x_BTD, _, _ = self.with_attention(x_BTD, cos_BTh, sin_BTh, full_attention(self.cfg, mask_BTS))
         return x_BTD, None
 
     @nn.compact

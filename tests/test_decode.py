@@ -163,6 +163,81 @@ def test_sample_support_and_frequencies():
     assert int(sampling.sample(logits, keys[0], temperature=0)[0]) == 0
 
 
+def test_filters_renormalise_the_tempered_distribution():
+    """Temperature scales the logits first; top-k / top-p then keep tokens of that tempered distribution, and the
+    kept tokens are drawn in proportion to their tempered probabilities (renormalised to sum to 1)."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.asarray(np.log(probs), jnp.float32)[None]
+    keys = jax.random.split(jax.random.key(7), 40_000)
+
+    @jax.jit
+    def draws_jit(temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+        return jax.vmap(lambda k: sampling.sample(logits, k, temperature, top_k, top_p)[0])(keys)
+
+    def frequencies(temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+        drawn = np.asarray(draws_jit(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)))
+        return np.bincount(drawn, minlength=4) / len(keys)
+
+    def kept(temperature: float, n: int) -> np.ndarray:
+        """The tempered distribution cut to its n most likely tokens and renormalised."""
+        q = probs ** (1 / temperature)
+        q = np.where(np.arange(4) < n, q, 0.0)
+        return q / q.sum()
+
+    # Cumulative mass: plain 0.5, 0.8, 0.95; at temperature 2: 0.38, 0.67, 0.88; at 0.5: 0.68, 0.93, 0.99.
+    cases = [
+        (dict(temperature=1.0, top_k=2), kept(1.0, 2), None),  # 0.625, 0.375
+        (dict(temperature=1.0, top_p=0.85), kept(1.0, 3), None),
+        (dict(temperature=2.0, top_k=2), kept(2.0, 2), kept(1.0, 2)),
+        # Filtering before the temperature would keep 2 tokens here, and 3 in the next case.
+        (dict(temperature=2.0, top_p=0.75), kept(2.0, 3), kept(2.0, 2)),
+        (dict(temperature=0.5, top_p=0.9), kept(0.5, 2), kept(0.5, 3)),
+    ]
+    for settings, expected, wrong in cases:
+        got = frequencies(**settings)
+        np.testing.assert_allclose(got, expected, atol=0.012, err_msg=str(settings))
+        if wrong is not None:  # the other order (or no renormalisation) is far from what is drawn
+            assert np.abs(got - wrong).max() > 0.05, settings
+
+
+def _chain_model(chain: dict[int, int]) -> tuple[model.ModelConfig, dict]:
+    """A byte-vocabulary Llama whose greedy next token after t is chain[t]: attention and MLP add nothing, each
+    chained token's embedding is its own unit vector, and the head maps that vector to its successor."""
+    from train.data.tokenizers import ByteTokenizer
+
+    cfg = model.VARIANTS["tiny"].replace(vocab_size=ByteTokenizer.vocab_size)
+    params = jax.tree.map(np.array, model.init_params(cfg, jax.random.key(0)))
+    params["layers"]["attn"]["o"][:] = 0
+    params["layers"]["mlp"]["down"][:] = 0
+    params["embedding"][:] = 0
+    params["lm_head"][:] = 0
+    for slot, (token, after) in enumerate(chain.items()):
+        params["embedding"][token, slot] = 1.0
+        params["lm_head"][slot, after] = 1.0
+    return cfg, jax.tree.map(jnp.asarray, params)
+
+
+def test_sample_streams_whole_characters_and_stops_at_eos():
+    """herd sample's stream (train/inference.py) with the byte tokenizer: a character split over several tokens
+    shows once complete, and nothing follows EOS although --max_tokens allows more."""
+    from train import inference
+    from train.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    text = "é b€"  # two-byte é, three-byte €
+    ids = list(text.encode("utf-8"))
+    assert len(ids) == 7
+    # "a" (the prompt's last token) -> the text's bytes -> EOS -> "c" for ever (what ignoring EOS would show).
+    sequence = [ord("a"), *ids, tok.eos_id]
+    chain = dict(zip(sequence, sequence[1:])) | {tok.eos_id: ord("c"), ord("c"): ord("c")}
+    cfg, params = _chain_model(chain)
+    loaded = inference.Loaded(cfg, params, tok, source="chain")
+    pieces = list(inference.sample_text(loaded, "a", max_tokens=20, temperature=0))
+    assert pieces == ["é", " ", "b", "€"]
+    # Cut inside a character by --max_tokens: the complete text, then the incomplete bytes as U+FFFD.
+    assert list(inference.sample_text(loaded, "a", max_tokens=6, temperature=0)) == ["é", " ", "b", "\ufffd"]
+
+
 def test_cache_is_sharded_like_attention(models):
     """Under a mesh and the fsdp_tp rules the cache splits batch and kv heads, and logits do not change."""
     _, cfg, params = models("gqa")

@@ -134,6 +134,7 @@ def test_cli_halts_with_one_line_and_exit_1(tmp_path):
                            f"--workdir={tmp_path}", "--config.train.z_loss=1e38", "--config.log.peak_flops=1e12"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("herd train: error: step 1: loss "), proc.stderr[-2000:]
+    # The whole of stderr is the one line.
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("herd train: error: step 1: loss "), \
+        proc.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")

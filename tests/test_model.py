@@ -152,6 +152,30 @@ def test_remat_equals_no_remat(scan, policy):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [TINY, GQA_31.replace(n_kv_heads=1)], ids=["gqa", "mqa"])
+def test_dot_product_attention_equals_herd_attention(cfg):
+    """model.attention_impl='xla' (jax.nn.dot_product_attention, as 'cudnn' is on a GPU) computes herd's function:
+    loss and gradients of a causal batch, and logits of packed documents (the segment mask)."""
+    p = init(cfg, jax.random.key(0))
+    toks = _tokens(2, 16)
+    # The two configs really run different kernels (jax.nn.dot_product_attention's own ops appear).
+    jaxprs = [str(jax.make_jaxpr(lambda t, c=c: model.forward(c, p, t))(toks)) for c in
+              (cfg, cfg.replace(attention_impl="xla"))]
+    assert jaxprs[0] != jaxprs[1]
+    loss_fn = lambda c: jax.jit(jax.value_and_grad(lambda p: jax.nn.log_softmax(fwd(c, p, toks)).mean()))(p)
+    (l0, g0), (l1, g1) = loss_fn(cfg), loss_fn(cfg.replace(attention_impl="xla"))
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+    x_BTD = jax.random.normal(jax.random.key(2), (2, 16, cfg.d_model))
+    segments_BT = jnp.array([[0] * 5 + [1] * 11, [0] * 9 + [1] * 4 + [2] * 3])
+    herd, xla = (
+        jax.jit(lambda x, s, c=c: Llama(c).apply({"params": p}, x, s, method=_from_embeddings))(x_BTD, segments_BT)
+        for c in (cfg, cfg.replace(attention_impl="xla"))
+    )
+    np.testing.assert_allclose(herd, xla, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_compute_close_to_float32(params):
     toks = _tokens(2, 32)
     ref = fwd(TINY, params, toks)
@@ -269,6 +293,26 @@ def test_flop_accounting_is_consistent_with_param_count(name):
 
 
 @pytest.mark.parametrize(
+    "overrides, seq_len, expected",
+    [
+        # tiny: d=64, 2 layers, 4 heads of 16, 2 kv heads, SwiGLU d_ff=192, vocab 256.
+        # Per layer: q 64*4*16 + k, v 2*64*2*16 + o 4*16*64 = 12,288; MLP 3*64*192 = 36,864; so 49,152.
+        # Matmul parameters 2*49,152 + head 64*256 = 114,688; 6 * that = 688,128.
+        # Attention: q.k and p.v are 2 FLOPs * 4*16 per key each = 256 per key per layer, over (16 + 1) / 2 keys
+        # on average, 2 layers, x3 for forward + backward: 256 * 8.5 * 2 * 3 = 13,056.
+        ({}, 16, 688_128 + 13_056),
+        # MQA with head_dim 32, an ungated GELU MLP (hidden 3/2 * 192 = 288) and a tied head (counted once):
+        # q 64*4*32 + k, v 2*64*1*32 + o 4*32*64 = 20,480; MLP 2*64*288 = 36,864; (2*57,344 + 64*256) * 6 = 786,432.
+        # Attention: 2 * 2 * 4*32 = 512 per key per layer, (8 + 1) / 2 keys, 2 layers, x3: 13,824.
+        (dict(n_kv_heads=1, head_dim=32, mlp_activation="gelu", tie_embeddings=True), 8, 786_432 + 13_824),
+    ],
+    ids=["tiny", "mqa_gelu_tied"],
+)
+def test_flops_per_token_equals_a_hand_count(overrides, seq_len, expected):
+    assert model.flops_per_token(model.VARIANTS["tiny"].replace(**overrides), seq_len) == expected
+
+
+@pytest.mark.parametrize(
     "overrides, field",
     [
         (dict(n_heads=5), "n_heads"),
@@ -276,6 +320,8 @@ def test_flop_accounting_is_consistent_with_param_count(name):
         (dict(head_dim=15), "head_dim"),
         (dict(d_model=0), "d_model"),
         (dict(remat_policy="sometimes"), "remat_policy"),
+        (dict(attention_impl="flash"), "attention_impl"),
+        (dict(attention_impl="cudnn"), "attention_impl='cudnn' needs dtype bfloat16"),
         (dict(dtype="float8"), "dtype"),
         (dict(rope_scaling=dict(factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0)), "rope_scaling"),
         (dict(d_modle=64), "d_modle"),

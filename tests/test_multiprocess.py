@@ -35,7 +35,7 @@ def _launch(workdir, steps: int) -> None:
         args = [sys.executable, "-m", "train.main", "train", "--config=experiments/base.py:smoke",
                 f"--workdir={workdir}", "--config.train.batch_size=8", f"--config.train.steps={steps}",
                 "--config.log.peak_flops=1e12", "--config.mesh.rules=fsdp", "--config.mesh.data=2",
-                "--config.mesh.fsdp=4"]
+                "--config.mesh.fsdp=4", "--config.schedule.name=constant"]
         procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
@@ -59,16 +59,23 @@ def test_two_processes_match_one_and_resume(tmp_path):
 
     _launch(tmp_path / "mp", steps=6)
     config = base.get_config("smoke")
-    config.train.batch_size, config.log.peak_flops = 8, 1e12
+    # A constant schedule: 6 steps and then 2 more see the learning rates of 8 steps run in one go.
+    config.train.batch_size, config.train.steps, config.schedule.name, config.log.peak_flops = 8, 8, "constant", 1e12
     config.mesh.rules, config.mesh.data, config.mesh.fsdp = "fsdp", 2, 4
     single = train_and_evaluate(config, tmp_path / "single", devices=jax.devices()[:8])["losses"]
     multi = _losses(tmp_path / "mp")
     assert sorted(multi) == list(range(1, 7))
     np.testing.assert_allclose([multi[s] for s in range(1, 7)], [single[s] for s in range(1, 7)], rtol=2e-5)
-    # A second launch resumes from step 6, each process from its own data state.
+    # A second launch resumes from checkpoint 6 (not 3, not from scratch), each process from its own data
+    # state, and continues as the uninterrupted one-process run does.
     _launch(tmp_path / "mp", steps=8)
-    assert sorted(_losses(tmp_path / "mp")) == list(range(1, 9))
-    assert sorted(os.listdir(tmp_path / "mp" / "checkpoints"))[-1] == "8"
+    rows = [json.loads(line) for line in open(tmp_path / "mp" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # steps 7 and 8 once, nothing again
+    info = json.load(open(tmp_path / "mp" / "run.json"))
+    assert info["extra"]["start_step"] == 6 and [p["extra"]["start_step"] for p in info["previous"]] == [0]
+    multi = _losses(tmp_path / "mp")
+    np.testing.assert_allclose([multi[s] for s in (7, 8)], [single[s] for s in (7, 8)], rtol=2e-5)
+    assert sorted(os.listdir(tmp_path / "mp" / "checkpoints"), key=int)[-1] == "8"
 
 
 # ------------------------------------------------------------------------------------------ missing and dead peers

@@ -244,16 +244,17 @@ def test_cli_plans_a_gpu_cluster_on_simulated_devices(tmp_path):
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     cmd = [sys.executable, "-m", "train.main", "plan", "--config=experiments/base.py:smoke", "--target=gpu:h100:16",
            "--format=json", "--config.mesh.rules=fsdp_tp", "--config.mesh.tensor=2", "--config.mesh.data=-1",
-           "--config.train.batch_size=16"]
+           "--config.train.batch_size=16", "--config.model.dtype=bfloat16", "--config.model.attention_impl=cudnn"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["target"]["devices"] == 16 and result["config"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 2}
     assert result["memory"]["source"].startswith("analytic") and result["memory"]["fits"]
     assert result["collectives"]
+    assert any("attention_impl='cudnn' was traced as 'xla'" in note for note in result["notes"])  # no CPU kernel
     bad = subprocess.run(cmd[:5] + ["--target=gpu:h100:16", "--config.mesh.data=3"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "mesh" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "mesh" in bad.stderr, bad.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- TPU compiles (libtpu)

@@ -151,9 +151,9 @@ def test_cli_bad_point_is_one_line_and_writes_nothing(env, tmp_path):
     out = tmp_path / "sweep"
     proc = herd(env, "sweep", f"--config={path}", f"--workdir={out}")
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [
+    assert proc.stderr == (  # the whole of stderr
         "herd sweep: error: sweep point 1 (d_modle=32): model.d_modle is not declared in the experiment schema; "
-        "did you mean model.d_model, model.d_ff, model.n_layers?"]
+        "did you mean model.d_model, model.d_ff, model.n_layers?\n")
     assert not out.exists()
 
 
@@ -239,6 +239,21 @@ def test_a_failing_point_is_recorded_and_the_others_finish(env, tmp_path):
     assert [(r["status"], r["attempts"]) for r in records] == [("failed", 1), ("done", 1)]
     herd(env, *args, "--retry_failed")
     assert json.loads((out / names[0] / "trial.json").read_text())["attempts"] == 2
+
+
+@pytest.mark.parametrize("log, line", [
+    ("Traceback (most recent call last):\n  File \"x.py\"\njax.errors.JaxRuntimeError: INTERNAL: boom\n"
+     "--------------------\nFor simplicity, JAX has removed its internal frames from the traceback\n",
+     "jax.errors.JaxRuntimeError: INTERNAL: boom"),
+    ("W0000 a warning\nherd train: error: data.dataset='x' is not built\nexiting\n",
+     "herd train: error: data.dataset='x' is not built"),
+    ("", "herd train exited with status 3"),
+])
+def test_a_failed_trials_error_is_the_line_that_says_why(tmp_path, log, line):
+    from train.trial import LOG_FILE, _error_line
+
+    (tmp_path / LOG_FILE).write_text(log)
+    assert _error_line(tmp_path, 3) == line
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from train import config as config_lib
 from train.checkpoint import Checkpointer
 from train.inference import Loaded, load_hf_dir, load_workdir
 from train.run_info import write_run_info
-from train.runtime import Runtime, local_data_parallel
+from train.runtime import Runtime, local_data_parallel, mesh_devices
 from train.state import TrainState
 from train.workdir import RunDir
 
@@ -157,7 +157,7 @@ def from_hf(path: str | os.PathLike, workdir: str | os.PathLike) -> dict[str, An
     final = RunDir(workdir)
     if loaded.tokenizer is not None:  # recorded at its final place: the run is moved there once verified
         config = config_lib.apply_overrides(config, {"data.tokenizer.path": str(final.tokenizer)})
-    runtime = Runtime(config, loaded.model_cfg)
+    runtime = Runtime(config, loaded.model_cfg, mesh_devices(config))
     tokens = check_prompts(loaded.model_cfg.vocab_size)
     with staged(workdir, "--workdir") as tmp:
         if loaded.tokenizer is not None:

@@ -20,7 +20,7 @@ from train.config import apply_overrides
 from train.experiment import from_record
 from train.data import Dataset, build_dataset
 from train.data.tokenizers import Tokenizer, build_tokenizer
-from train.runtime import Runtime, local_data_parallel
+from train.runtime import Runtime, local_data_parallel, mesh_devices
 from train.workdir import RunDir
 
 
@@ -75,7 +75,11 @@ def load_workdir(workdir: str | os.PathLike, devices: list[jax.Device] | None = 
     try:
         if ckpt.latest_step() is None:
             raise CheckpointError(f"--workdir={workdir} has no checkpoint yet (nothing under {ckpt.directory})")
-        runtime = Runtime(config if devices is not None else local_data_parallel(config), model_cfg, devices)
+        if devices is None:
+            local = local_data_parallel(config)
+            runtime = Runtime(local, model_cfg, mesh_devices(local))
+        else:
+            runtime = Runtime(config, model_cfg, devices)
         step, state, _ = ckpt.restore(runtime.abstract_state())
     finally:
         ckpt.close()
@@ -257,7 +261,7 @@ def _check_eval(loaded: Loaded, batches: int) -> None:
 def _evaluate(loaded: Loaded, config: ml_collections.ConfigDict, data: Dataset, batches: int,
               progress: str | None) -> dict[str, float]:
     """`Runtime.evaluate` over `batches` batches of `data`, or one whole pass when it is finite and `batches` is 0."""
-    runtime = Runtime(config, loaded.model_cfg)
+    runtime = Runtime(config, loaded.model_cfg, mesh_devices(config))
     finite = hasattr(data, "pipeline")  # TFDS splits end; synthetic ones go on forever
     if batches == 0 and not finite:
         batches = config.eval.batches

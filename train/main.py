@@ -40,7 +40,8 @@ flags.DEFINE_string("from-hf", None, "convert: import this Hugging Face folder i
 flags.DEFINE_string("dtype", "float32", "convert --to-hf: stored dtype (float32, bfloat16 or float16).")
 # sweep
 flags.DEFINE_integer("seeds", 0, "sweep: repeat every point with seed = 0 .. N-1 (0: the experiment's own seed).")
-flags.DEFINE_integer("parallel", None, "sweep: trials at once on this machine, each pinned to its share of the CPUs.")
+flags.DEFINE_integer("parallel", None, "sweep: trials at once on this machine, each pinned to its share of the CPUs "
+                     "(default: 2 on a CPU-only host with 2+ CPUs, else 1; bench/README.md, \"Sweeps\").")
 flags.DEFINE_string("executor", "local", "sweep: local (a process pool here) or slurm (a submitit job array).")
 flags.DEFINE_integer("max_failures", -1, "sweep: stop starting trials after this many failures (-1: never).")
 flags.DEFINE_bool("retry_failed", False, "sweep: run failed trials again (done ones never are).")
@@ -81,6 +82,8 @@ def experiment_config() -> ml_collections.ConfigDict:
 
 def cmd_train() -> None:
     _require("config", "workdir")
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        raise ValueError(f"--workdir={FLAGS.workdir} is a file, not a run directory")
     from train.loop import train_and_evaluate
 
     train_and_evaluate(experiment_config(), FLAGS.workdir)
@@ -92,6 +95,14 @@ def cmd_sample() -> None:
     if (FLAGS.workdir is None) == (FLAGS.hf is None):
         raise ValueError("give exactly one of --workdir (a herd run) or --hf (a Hugging Face folder)")
     _require("prompt")
+    # Checked here, before a checkpoint is read, and named as the flags the user typed.
+    for name, ok, valid in (("max_tokens", FLAGS.max_tokens >= 1, "a positive integer"),
+                            ("temperature", math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0,
+                             "a finite number >= 0 (0 = greedy)"),
+                            ("top_k", FLAGS.top_k >= 0, "an integer >= 0 (0 keeps all)"),
+                            ("top_p", 0 < FLAGS.top_p <= 1, "in (0, 1] (1 keeps all)")):
+        if not ok:
+            raise ValueError(f"--{name}={FLAGS[name].value} must be {valid}")
     loaded = inference.load_workdir(FLAGS.workdir) if FLAGS.workdir else inference.load_hf_dir(FLAGS.hf)
     pieces = inference.sample_text(loaded, FLAGS.prompt, max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
                                    top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
@@ -135,14 +146,14 @@ def cmd_convert() -> None:
 
 
 def cmd_sweep() -> None:
-    from train.sweep import DEFAULT_PARALLEL, run_sweep
+    from train.sweep import run_sweep
 
     _require("config", "workdir")
     from train.experiment import parse_cli_overrides
 
     config = experiment_config()  # checks the experiment and every --config.KEY=VALUE first
     result = run_sweep(FLAGS.config, FLAGS.workdir, parse_cli_overrides(config, _CONFIG_OVERRIDES),
-                       seeds=FLAGS.seeds, parallel=FLAGS.parallel or DEFAULT_PARALLEL, executor=FLAGS.executor,
+                       seeds=FLAGS.seeds, parallel=FLAGS.parallel, executor=FLAGS.executor,
                        max_failures=FLAGS.max_failures, retry_failed=FLAGS.retry_failed, dry_run=FLAGS.dry_run)
     if result.outcome == "interrupted":
         print("herd sweep: interrupted; running trials saved a checkpoint; run the same command to resume",
@@ -209,13 +220,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def _usage_error(message: str) -> None:
+    """One line and exit 2, as for a flag absl cannot parse (absl's UsageError would print every flag's help)."""
+    print(f"herd: error: {message}; herd --help lists the commands and their flags", file=sys.stderr)
+    sys.exit(2)
+
+
 def _run(argv: list[str]) -> None:
     if len(argv) < 2 or argv[1] not in COMMANDS or (len(argv) > 2 and argv[1] != "report"):
-        raise app.UsageError(f"usage: herd {{{'|'.join(COMMANDS)}}} [--flags]; got {' '.join(argv[1:]) or 'nothing'}")
+        _usage_error(f"usage: herd {{{'|'.join(COMMANDS)}}} [--flags]; got {' '.join(argv[1:]) or 'nothing'}")
     _POSITIONAL.extend(argv[2:])
     if _CONFIG_OVERRIDES and argv[1] not in _EXPERIMENT_COMMANDS:
-        raise app.UsageError(f"herd {argv[1]} takes no --config.KEY=VALUE overrides (only herd "
-                             f"{'/'.join(_EXPERIMENT_COMMANDS)} reads an experiment)")
+        _usage_error(f"herd {argv[1]} takes no --config.KEY=VALUE overrides (only herd "
+                     f"{'/'.join(_EXPERIMENT_COMMANDS)} reads an experiment)")
     from train.mesh import maybe_initialize_distributed
     from train.plan_target import quiet_libtpu_without_tpus
 

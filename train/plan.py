@@ -28,7 +28,7 @@ import numpy as np
 from model import ModelConfig, axes, count_params, flops_per_token
 from model.flops import matmul_params
 from train import hlo_stats, plan_memory, plan_target
-from train.config import model_config
+from train.config import apply_overrides, model_config
 from train.runtime import Runtime, check
 from train.state import abstract_state
 
@@ -129,6 +129,12 @@ def plan(config: ml_collections.ConfigDict, target_spec: str) -> dict[str, Any]:
     started = time.perf_counter()
     kind, _, _, count = plan_target.parse_target(target_spec)
     model_cfg = model_config(config)
+    traced_as_xla = model_cfg.attention_impl == "cudnn"
+    if traced_as_xla:  # cuDNN's kernel has no CPU lowering: plan jax's portable form of the same attention
+        if kind != "gpu":
+            raise ValueError(f"model.attention_impl='cudnn' runs on NVIDIA GPUs only, not on --target={target_spec}")
+        config = apply_overrides(config, {"model.attention_impl": "xla"})
+        model_cfg = model_config(config)
     check(config, model_cfg, count or len(jax.devices("cpu")))  # every field error before libtpu or a compile
     target, devices = plan_target.resolve(target_spec)
     try:
@@ -163,6 +169,10 @@ def plan(config: ml_collections.ConfigDict, target_spec: str) -> dict[str, Any]:
     if target.kind == "cpu" and target.n_devices > 1:
         notes.append(f"the {target.n_devices} simulated devices share this host: the roofline is that of "
                      f"{target.n_devices} such CPUs")
+    if traced_as_xla:
+        notes.append("model.attention_impl='cudnn' was traced as 'xla' (the same function): the compiled step "
+                     "materialises the attention scores that cuDNN's fused kernel keeps on chip, so memory traffic "
+                     "and temporaries here are upper bounds")
     if unknown_loops:
         notes.append(f"{len(unknown_loops)} loop(s) with an unreadable trip count were counted once")
 

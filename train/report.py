@@ -24,7 +24,7 @@ from typing import Any
 
 from model import ModelConfig, flops_per_token
 from train import trial as trial_lib
-from train.sweep_plan import SWEEP_FILE, short_names
+from train.sweep_plan import SWEEP_FILE, short_names, show_value
 from train.workdir import RunDir
 
 FORMATS = ("md", "csv", "json")
@@ -90,6 +90,19 @@ def read_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def recorded_metrics(run_dir: Path) -> set[str]:
+    """Every metric name in a run's metrics.jsonl."""
+    path = RunDir(run_dir).metrics
+    names: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        names |= set(row) - {"step"} if isinstance(row, dict) else set()
+    return names
+
+
 def _run(path: Path, metric: str, record: Mapping[str, Any]) -> Run:
     info = _read_json(RunDir(path).run_info) or {}
     tokens = flops = None
@@ -145,12 +158,6 @@ def rows(runs: Sequence[Run], maximize: bool = False) -> list[Row]:
     return out
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 def table_records(table: Sequence[Row], metric: str) -> list[dict[str, Any]]:
     """The table as plain records (the csv/json output and the markdown table's source)."""
     return [{
@@ -174,8 +181,9 @@ def markdown_table(table: Sequence[Row], metric: str) -> str:
     for row in table:
         value = "—" if row.mean is None else f"{row.mean:.4f}" + (
             f" ± {row.half_width:.4f}" if row.half_width is not None else "")
-        cells = [*(_fmt(row.point.get(k, "")) for k in keys), value, str(len(row.finals)), str(row.count("failed")),
-                 str(row.count("pending", "running", "interrupted")), "**best**" if row.best else ""]
+        cells = [*(show_value(row.point.get(k, "")) for k in keys), value, str(len(row.finals)),
+                 str(row.count("failed")), str(row.count("pending", "running", "interrupted")),
+                 "**best**" if row.best else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -214,12 +222,17 @@ def write_report(paths: Sequence[str | Path], *, metric: str = "eval/bits_per_by
     runs, out_dir = load(paths, metric)
     if not runs:
         raise ValueError(f"{out_dir} lists no trials yet")
+    if not any(r.curve for r in runs):  # a misspelt --metric, rather than trials that have not logged it yet?
+        recorded = set().union(*(recorded_metrics(r.path) for r in runs))
+        if recorded and metric not in recorded:
+            raise ValueError(f"--metric={metric} is in no trial's metrics.jsonl; recorded metrics: "
+                             f"{', '.join(sorted(recorded))}")
     conditions = parse_where(where)
     keys = {k for r in runs for k in r.point}
     for key in conditions:
         if key not in keys:
             raise ValueError(f"--where: {key} is not a swept key; swept keys: {', '.join(sorted(keys)) or 'none'}")
-    runs = [r for r in runs if all(_fmt(r.point.get(k)) == v for k, v in conditions.items())]
+    runs = [r for r in runs if all(show_value(r.point.get(k)) == v for k, v in conditions.items())]
     if not runs:
         raise ValueError(f"--where={where} keeps no trial")
     table = rows(runs, maximize)
@@ -240,7 +253,13 @@ def write_report(paths: Sequence[str | Path], *, metric: str = "eval/bits_per_by
     from train.report_plots import plot_curves, plot_final
 
     suffix = "".join(f"_{k.rpartition('.')[2]}={v}" for k, v in conditions.items())
-    plots = [plot_curves(table, metric, out_dir, suffix)]
+    curve_table, curve_label = table, metric
+    if all(len(r.curve) <= 1 for r in runs) and metric != "loss":
+        # Evaluated once, at the end (as the reproductions are): learning curves of the training loss instead.
+        loss_runs = [dataclasses.replace(r, curve=read_curve(r.path, "loss")) for r in runs]
+        if any(len(r.curve) > 1 for r in loss_runs):
+            curve_table, curve_label = rows(loss_runs, maximize=False), f"training loss ({metric} was evaluated once)"
+    plots = [plot_curves(curve_table, curve_label, out_dir, suffix)]
     final_plot = plot_final(table, metric, out_dir, x=x, by=by, suffix=suffix)
     if final_plot is not None:
         plots.append(final_plot)
@@ -257,7 +276,7 @@ def write_report(paths: Sequence[str | Path], *, metric: str = "eval/bits_per_by
             markdown_table(table, metric), ""]
     if failures:
         text += ["Failed trials:", "", *failures, ""]
-    text += [*extra, *(f"![{Path(p).stem}]({Path(p).name})" for p in plots)]
+    text += [*extra, *([""] if extra else []), *(f"![{Path(p).stem}]({Path(p).name})\n" for p in plots)]
     report = out_dir / f"report{suffix}.md"
     report.write_text("\n".join(text) + "\n", encoding="utf-8")
     return [str(report), *map(str, plots)]

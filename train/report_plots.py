@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train.report import Row, _fmt  # noqa: E402
-from train.sweep_plan import short_names  # noqa: E402
+from train.sweep_plan import short_names, show_value  # noqa: E402
+
+if TYPE_CHECKING:
+    from train.report import Row
 
 
 def _label(point: dict[str, Any], names: dict[str, str]) -> str:
-    return ", ".join(f"{names.get(k, k)}={_fmt(v)}" for k, v in point.items()) or "baseline"
+    return ", ".join(f"{names.get(k, k)}={show_value(v)}" for k, v in point.items()) or "baseline"
 
 
 def _band(row: Row) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -49,7 +52,9 @@ def plot_curves(table: Sequence[Row], metric: str, out_dir: Path, suffix: str = 
         for ax, scale in zip(axes, scales):
             if scale is None:
                 continue
-            ax.plot(steps * scale, mean, color=color, label=label, lw=1.5)
+            # Markers too when there are few evaluations, so a run evaluated once still shows.
+            ax.plot(steps * scale, mean, color=color, label=label, lw=1.5, marker="o" if len(steps) <= 12 else None,
+                    ms=3)
             if len(row.runs) > 1:
                 ax.fill_between(steps * scale, low, high, color=color, alpha=0.2, lw=0)
     for ax, xlabel in zip(axes, ("steps", "tokens", "training FLOPs (6N + attention per token)")):
@@ -93,22 +98,29 @@ def plot_final(table: Sequence[Row], metric: str, out_dir: Path, *, x: str | Non
     groups: dict[str, list[Row]] = {}
     for row in table:
         if row.mean is not None and x in row.point:
-            groups.setdefault(_fmt(row.point.get(by)) if by else "", []).append(row)
+            groups.setdefault(show_value(row.point.get(by)) if by else "", []).append(row)
     if not groups:
         return None
     xs_all = [row.point[x] for rows in groups.values() for row in rows]
     numeric = _numeric(xs_all)
-    categories = list(dict.fromkeys(map(_fmt, xs_all)))
+    categories = list(dict.fromkeys(map(show_value, xs_all)))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("plasma")(np.linspace(0, 0.85, max(len(groups), 1)))
     for (group, rows), color in zip(groups.items(), colors):
-        rows = sorted(rows, key=lambda r: r.point[x] if numeric else categories.index(_fmt(r.point[x])))
-        xs = [r.point[x] if numeric else categories.index(_fmt(r.point[x])) for r in rows]
+        rows = sorted(rows, key=lambda r: r.point[x] if numeric else categories.index(show_value(r.point[x])))
+        xs = [r.point[x] if numeric else categories.index(show_value(r.point[x])) for r in rows]
         errs = [r.half_width or 0.0 for r in rows]
         label = f"{short_names([by])[by]}={group}" if by else None
-        ax.errorbar(xs, [r.mean for r in rows], yerr=errs, marker="o", capsize=3, color=color, label=label)
+        # A line joins numeric values only: between categories it would suggest an order that is not there.
+        ax.errorbar(xs, [r.mean for r in rows], yerr=errs, marker="o", capsize=3, color=color, label=label,
+                    linestyle="-" if numeric else "none")
     if numeric and min(xs_all) > 0 and (max(xs_all) / min(xs_all) >= 10 or x.endswith("lr")):
         ax.set_xscale("log", base=2 if x.endswith("lr") else 10)
+        values = sorted(set(xs_all))
+        if len(values) <= 10 and not all(float(np.log2(v)).is_integer() for v in values):
+            # A few values that are not powers of two: label them, not the axis' powers.
+            ax.set_xticks(values, [show_value(v) for v in values])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if not numeric:
         ax.set_xticks(range(len(categories)), categories)
     ax.set_xlabel(x)
@@ -116,7 +128,7 @@ def plot_final(table: Sequence[Row], metric: str, out_dir: Path, *, x: str | Non
     ax.grid(alpha=0.3)
     if by:
         ax.legend(fontsize=8)
-    ax.set_title(f"final {metric} against {x} (mean ± 95 % CI over seeds)")
+    ax.set_title(f"final {metric} against {x}\n(mean ± 95 % confidence interval over seeds)", fontsize=10)
     fig.tight_layout()
     path = out_dir / f"final_vs_{short_names([x])[x].replace('/', '_')}{suffix}.png"
     fig.savefig(path, dpi=110)

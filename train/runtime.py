@@ -32,6 +32,9 @@ LocalBatch = Mapping[str, np.ndarray]
 def check(config: ml_collections.ConfigDict, model_cfg: ModelConfig, n_devices: int) -> None:
     """Raises ValueError naming the first field that `herd train` would reject on `n_devices` devices."""
     optimizer_lib.validate(config, model_cfg)
+    if model_cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"model.attention_impl='cudnn' needs NVIDIA GPUs with cuDNN, and this process has "
+                         f"{jax.default_backend()} devices: use 'xla' or 'herd' (the same function)")
     rules = axes.get_rules(config.mesh.rules)
     shape = dict(zip(axes.MESH_AXES, mesh_lib.mesh_shape(config.mesh, n_devices)))
     dp_size = mesh_lib.data_parallel_size(shape, rules)
@@ -66,8 +69,22 @@ def check(config: ml_collections.ConfigDict, model_cfg: ModelConfig, n_devices: 
 
 
 def local_data_parallel(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` whose mesh is every local device, plain data parallel (for loading and evaluating)."""
-    return apply_overrides(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1})
+    """A copy of `config` on plain data parallel over as many devices as its batch splits over, every device
+    when it can (for loading, evaluating and converting a run); build its Runtime on `mesh_devices(config)`.
+
+    A run trained with a batch of 4 is still read on a host with 8 devices (on 4 of them). With several
+    processes every device takes part, as in training.
+    """
+    n = len(jax.devices())
+    if jax.process_count() == 1:
+        rows = config.train.batch_size // max(config.train.microbatches, 1)
+        n = max(d for d in range(1, n + 1) if rows % d == 0)
+    return apply_overrides(config, {"mesh.data": n, "mesh.fsdp": 1, "mesh.tensor": 1})
+
+
+def mesh_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
+    """The devices of `local_data_parallel(config)`'s mesh: the first `mesh.data` of them."""
+    return jax.devices()[: config.mesh.data]
 
 
 class Runtime:

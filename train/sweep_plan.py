@@ -94,6 +94,13 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
             depth[k] += 1
 
 
+def show_value(value: Any) -> str:
+    """A swept value as tables and plots print it (floats to 6 significant digits)."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
 def _slug_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

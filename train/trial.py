@@ -18,10 +18,12 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -102,12 +104,19 @@ def start(trial_dir: str | os.PathLike, cpus: Iterable[int] | None = None, **fie
     log = open(trial_dir / LOG_FILE, "ab")
     log.write(f"\n=== {now()} attempt {record.get('attempts', 0) + 1} on {socket.gethostname()}\n".encode())
     log.flush()
-    proc = subprocess.Popen(command(record, trial_dir), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=lambda: _child_setup(cpus))
+    with warnings.catch_warnings():
+        # The child execs `herd train` straight after the fork (preexec_fn only pins CPUs and sets its death
+        # signal); JAX's fork warning is about children that go on running Python beside JAX's threads.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        proc = subprocess.Popen(command(record, trial_dir), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=lambda: _child_setup(cpus))
     log.close()
     update(trial_dir, status="running", host=socket.gethostname(), pid=proc.pid, cpus=cpus, started=now(),
            ended=None, error=None, attempts=record.get("attempts", 0) + 1, **fields)
     return proc
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failure|Exit)\b:?")
 
 
 def _error_line(trial_dir: Path, returncode: int) -> str:
@@ -121,7 +130,9 @@ def _error_line(trial_dir: Path, returncode: int) -> str:
     except OSError:
         lines = []
     ours = [ln for ln in lines if ln.startswith("herd")]
-    return (ours or lines or [f"herd train exited with status {returncode}"])[-1][:1000]
+    # A traceback's own message (JAX adds a note about filtered frames after it, which says nothing).
+    raised = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+    return (ours or raised or lines or [f"herd train exited with status {returncode}"])[-1][:1000]
 
 
 def final_metrics(trial_dir: str | os.PathLike) -> dict[str, float]:
@@ -151,7 +162,8 @@ def finish(trial_dir: str | os.PathLike, returncode: int) -> dict[str, Any]:
     started = record.get("started")
     seconds = None
     if started:
-        seconds = (datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(started)).total_seconds()
+        elapsed = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(started)
+        seconds = elapsed.total_seconds()
     return update(trial_dir, status=status, returncode=returncode, ended=now(), pid=None,
                   error=None if status != "failed" else _error_line(trial_dir, returncode),
                   seconds=(record.get("seconds") or 0.0) + (seconds or 0.0), final=final_metrics(trial_dir))

@@ -46,7 +46,7 @@ def _builder(name: str) -> Builder:
 
 def check_data(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first data field that no source would accept; reads nothing."""
-    from train.data.tokenizers import TOKENIZERS
+    from train.data.tokenizers import TOKENIZERS, ByteTokenizer
 
     d = config.data
     if d.source not in SOURCES:
@@ -59,6 +59,13 @@ def check_data(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.shuffle_tokens={d.shuffle_tokens} must be >= 0 (0: rows in order)")
     if d.tokenizer.name not in TOKENIZERS:
         raise ValueError(f"data.tokenizer.name={d.tokenizer.name!r} is not one of: {', '.join(TOKENIZERS)}")
+    # A tokenizer's vocabulary known without preparing any data (the byte one's, or one trained to a declared
+    # size): a model.vocab_size below it fails here, not after the dataset was prepared (train/config.py).
+    vocab, tok = config.model.vocab_size, d.tokenizer
+    known = ByteTokenizer.vocab_size if tok.name == "byte" else tok.vocab_size if (
+        tok.name == "sentencepiece" and tok.path is None) else None
+    if d.source == "tfds" and vocab is not None and known is not None and vocab < known:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the {tok.name} tokenizer's {known} tokens")
 
 
 def build_dataset(config: ml_collections.ConfigDict, split: str, vocab_size: int) -> Dataset:
