@@ -195,23 +195,31 @@ def multiplicities(comps: dict[str, Computation], entry: str) -> tuple[dict[str,
     return dict(mult), inner, unknown
 
 
+def weighted_instructions(comps: dict[str, Computation], mult: dict[str, float],
+                          skip: set[str] = frozenset()) -> Iterator[tuple[float, Instr, dict[str, str]]]:
+    """(times executed, instruction, its computation's shapes) of every instruction in a computation that runs,
+    except those in `skip`."""
+    for comp in comps.values():
+        m = mult.get(comp.name, 0.0)
+        if not m or comp.name in skip:
+            continue
+        shapes = comp.shapes()
+        for instr in comp.instrs:
+            yield m, instr, shapes
+
+
 def matmul_flops(text: str) -> tuple[float, list[str]]:
     """FLOPs of every dot, loop-weighted; and the while loops whose trip count could not be read."""
     comps, entry = parse(text)
     mult, _, unknown = multiplicities(comps, entry)
     total = 0.0
-    for comp in comps.values():
-        m = mult.get(comp.name, 0.0)
-        if not m:
+    for m, instr, shapes in weighted_instructions(comps, mult):
+        if instr.opcode != "dot":
             continue
-        shapes = comp.shapes()
-        for instr in comp.instrs:
-            if instr.opcode != "dot":
-                continue
-            lhs = array_dims(shapes.get(instr.operands[0], ""))
-            contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
-            k = math.prod(lhs[int(d)] for d in contract.group(1).split(",") if d) if contract and lhs else 1
-            total += m * 2.0 * math.prod(array_dims(instr.shape)) * k
+        lhs = array_dims(shapes.get(instr.operands[0], ""))
+        contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+        k = math.prod(lhs[int(d)] for d in contract.group(1).split(",") if d) if contract and lhs else 1
+        total += m * 2.0 * math.prod(array_dims(instr.shape)) * k
     return total, unknown
 
 
@@ -274,14 +282,9 @@ def memory_bytes(text: str, loops: bool = True) -> float:
     comps, entry = parse(text)
     mult, inner, _ = multiplicities(comps, entry)
     total = 0.0
-    for comp in comps.values():
-        m = mult.get(comp.name, 0.0)
-        if not m or comp.name in inner:
-            continue
-        shapes = comp.shapes()
-        for instr in comp.instrs:
-            if instr.opcode not in _FREE:
-                total += (m if loops else 1.0) * _instr_bytes(instr, shapes, comps)
+    for m, instr, shapes in weighted_instructions(comps, mult, skip=inner):
+        if instr.opcode not in _FREE:
+            total += (m if loops else 1.0) * _instr_bytes(instr, shapes, comps)
     return total
 
 
@@ -353,27 +356,22 @@ def collectives(text: str) -> tuple[list[Collective], list[str]]:
     mult, _, _ = multiplicities(comps, entry)
     out: list[Collective] = []
     unread: list[str] = []
-    for comp in comps.values():
-        m = mult.get(comp.name, 0.0)
-        if not m:
+    for m, instr, shapes in weighted_instructions(comps, mult):
+        kind = instr.opcode.removesuffix("-start")
+        if kind not in COLLECTIVES:
             continue
-        shapes = comp.shapes()
-        for instr in comp.instrs:
-            kind = instr.opcode.removesuffix("-start")
-            if kind not in COLLECTIVES:
-                continue
-            size = sum(array_bytes(shapes.get(o, "")) for o in instr.operands)
-            pairs: list[tuple[int, int]] = []
-            if kind == "collective-permute":
-                pm = re.search(r"source_target_pairs=\{(.*?)\}\}", instr.attrs)
-                pairs = [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)", pm.group(1) + "}")] if pm else []
-                group = sorted({i for p in pairs for i in p})
-            else:
-                group = replica_group(instr.attrs)
-                if group is None:
-                    unread.append(instr.name)
-                    group = []
-            out.append(Collective(kind, instr.name, size, group, pairs, m))
+        size = sum(array_bytes(shapes.get(o, "")) for o in instr.operands)
+        pairs: list[tuple[int, int]] = []
+        if kind == "collective-permute":
+            pm = re.search(r"source_target_pairs=\{(.*?)\}\}", instr.attrs)
+            pairs = [(int(a), int(b)) for a, b in re.findall(r"\{(\d+),(\d+)", pm.group(1) + "}")] if pm else []
+            group = sorted({i for p in pairs for i in p})
+        else:
+            group = replica_group(instr.attrs)
+            if group is None:
+                unread.append(instr.name)
+                group = []
+        out.append(Collective(kind, instr.name, size, group, pairs, m))
     return out, unread
 
 
