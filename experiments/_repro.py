@@ -55,16 +55,21 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def final_means(runs: Iterable[Any], key: Callable[[dict], Any]) -> dict[Any, tuple[float, float | None, int]]:
-    """{group: (mean, 95 % half-width or None, seeds)} of the finished runs' final metric, grouped by `key(point)`."""
-    from train.report import t_quantile
-
+def finals(runs: Iterable[Any], key: Callable[[dict], Any]) -> dict[Any, list[float]]:
+    """{group: final metric of each finished run}, grouped by `key(point)` (seed order: the runs' order)."""
     groups: dict[Any, list[float]] = {}
     for run in runs:
         if run.final is not None:
             groups.setdefault(key(run.point), []).append(run.final)
+    return groups
+
+
+def final_means(runs: Iterable[Any], key: Callable[[dict], Any]) -> dict[Any, tuple[float, float | None, int]]:
+    """{group: (mean, 95 % half-width or None, seeds)} of the finished runs' final metric, grouped by `key(point)`."""
+    from train.report import t_quantile
+
     out = {}
-    for group, values in groups.items():
+    for group, values in finals(runs, key).items():
         n, mean = len(values), sum(values) / len(values)
         half = None
         if n > 1:

@@ -6,11 +6,13 @@ paper's approach 2: a = 0.49), so parameters and training tokens should grow
 in equal proportion (about 20 tokens per parameter at the paper's scale).
 
 Setup (laptop scale): byte-level Shakespeare (experiments/_repro.py); 4-layer
-Llamas of widths 32 .. 192 (head dim 16, SwiGLU d_ff ~8/3 width, untied
-embeddings); for each budget C in {1e12, 3e12, 1e13} FLOPs four sizes around the
-expected optimum, each trained for C / (6N + attention) tokens (the project's
-FLOP formula, model/flops.py, counting every parameter including the embedding
-and the output layer, as Porian et al. 2024 and Pearce & Song 2024 advise); a
+Llamas of widths 16 .. 192 (21,744 to 1,870,656 parameters; head dim 16, SwiGLU
+d_ff ~8/3 width, untied embeddings); for each budget C in {3e11, 1e12, 3e12,
+1e13} FLOPs four to six sizes around the optimum (the report checks that each
+budget's valley was sampled), each trained for C / (6N + attention) tokens
+(the project's FLOP formula, model/flops.py, counting every parameter including
+the embedding and the output layer, as Porian et al. 2024 and Pearce & Song
+2024 advise); a
 held-out budget of 2e12 tests the fit. Learning rates: μP with base width 32 and
 one learning rate for every size (its transfer across width is what
 experiments/repro_mup.py tests), warmup 5 % of each run, cosine decay to 10 %.
@@ -18,9 +20,10 @@ experiments/repro_mup.py tests), warmup 5 % of each run, cosine decay to 10 %.
 Commands:
   herd sweep --config=experiments/repro_chinchilla.py --workdir=sweeps/repro_chinchilla
   herd report sweeps/repro_chinchilla --x=model.d_model
-Expected runtime: ~50 min on a 2-core CPU. `:full` (budgets 1e15 .. 1e17) is for a
-GPU or a cluster. `:smoke` runs in seconds (tests).
-Expected result: a near 0.5, with a wide interval from three budgets.
+Expected runtime: ~40 min on a 2-core CPU (measured: experiments/REPRODUCTIONS.md).
+`:full` (budgets 1e15 .. 1e17) is for a GPU or a cluster. `:smoke` runs in
+seconds (tests).
+Expected result: a near 0.5, with a wide interval from four budgets.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ VOCAB = 259  # the byte tokenizer
 SEQ, BATCH = 128, 8
 N_LAYERS, HEAD_DIM, BASE_WIDTH, LR = 4, 16, 32, 2.0**-6
 # Budget (FLOPs) -> the widths trained at it; 2e12 is held out of the power-law fit.
-BUDGETS = {1e12: (32, 48, 64, 96), 2e12: (48, 64, 96, 128), 3e12: (48, 64, 96, 128), 1e13: (64, 96, 128, 192)}
+# The first run (LOG, 2026-12-02) sampled only the larger half of each grid below: the smallest size was the best at
+# three budgets of four, so the valleys were not sampled; the grid now reaches down to width 16 (21,744 parameters).
+BUDGETS = {3e11: (16, 32, 48, 64), 1e12: (16, 32, 48, 64, 96), 2e12: (32, 48, 64, 96, 128),
+           3e12: (32, 48, 64, 96, 128), 1e13: (32, 48, 64, 96, 128, 192)}
 HELD_OUT = 2e12
 FULL_BUDGETS = {1e15: (256, 384, 512, 768), 1e16: (384, 512, 768, 1024), 1e17: (768, 1024, 1536, 2048)}
 
@@ -100,30 +106,58 @@ def _budget_of(run: Any) -> float | None:
 
 
 def report(runs: list[Any], out_dir: Path) -> tuple[list[str], list[Path]]:
-    """Parabola per budget, the power law N_opt ∝ C^a with its 95 % interval, the held-out budget's error."""
+    """Parabola per budget, the power law N_opt ∝ C^a with its 95 % interval, the held-out budget's error.
+
+    A budget whose parabola has its minimum outside the sizes trained at it (or no minimum) has not sampled its
+    valley: it is listed, and left out of the power law, since its N_opt would be an extrapolation."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     from train.report import t_quantile
 
     by_budget: dict[float, list[tuple[float, float]]] = {}
+    sizes: dict[float, float] = {}  # parameters -> FLOPs per token
     for run in runs:
         budget = _budget_of(run)
         if run.final is not None and budget is not None:
             n = count_params(model_cfg(run.point["model.d_model"]))
             by_budget.setdefault(budget, []).append((n, run.final))
-    fits = {}
+            sizes[n] = run.flops_per_token
+    # FLOPs per token between the sizes trained (attention adds to 6N at these widths): a power law in N.
+    fpt_fit = np.polyfit(np.log10(list(sizes)), np.log10(list(sizes.values())), 1) if len(sizes) >= 2 else None
+
+    def tokens_per_param(budget: float, n: float) -> float:
+        fpt = 10 ** np.polyval(fpt_fit, math.log10(n)) if fpt_fit is not None else 6 * n
+        return budget / fpt / n
+
+    fits, outside = {}, {}
     for budget, points in sorted(by_budget.items()):
         if len(points) >= 3:
             x, y = np.log10([p[0] for p in points]), np.array([p[1] for p in points])
             a2, a1, a0 = np.polyfit(x, y, 2)
-            if a2 > 0:  # a valley: its minimum is N_opt
-                fits[budget] = (10 ** (-a1 / (2 * a2)), (a2, a1, a0))
+            if a2 <= 0:
+                outside[budget] = "no valley: the loss is not convex in log N over the sizes trained"
+                continue
+            n_opt = 10 ** (-a1 / (2 * a2))
+            fits[budget] = (n_opt, (a2, a1, a0))
+            lo, hi = min(p[0] for p in points), max(p[0] for p in points)
+            if not lo < n_opt < hi:
+                outside[budget] = (f"N_opt outside the sizes trained ({lo:,.0f} .. {hi:,.0f}): the smallest is best"
+                                   if n_opt <= lo else f"N_opt outside the sizes trained ({lo:,.0f} .. {hi:,.0f})")
     lines = ["## IsoFLOP profiles (approach 2)", ""]
-    rows = [(f"{b:.0e}", f"{n:,.0f}", f"{b / (6 * n * n):.1f}", "held out" if b == HELD_OUT else "fit")
-            for b, (n, _) in sorted(fits.items())]
-    lines += _repro.md_table(["budget C (FLOPs)", "N_opt (parameters)", "tokens per parameter at N_opt", "use"], rows)
-    fit_budgets = [b for b in fits if b != HELD_OUT]
+    rows = []
+    for b in sorted(set(fits) | set(outside)):
+        n = fits[b][0] if b in fits else None
+        rows.append((f"{b:.0e}", len(by_budget[b]), f"{n:,.0f}" if n else "-",
+                     f"{tokens_per_param(b, n):.1f}" if n else "-", "held out" if b == HELD_OUT else "fit",
+                     "yes" if b not in outside else f"**no**: {outside[b]}"))
+    lines += _repro.md_table(["budget C (FLOPs)", "sizes", "N_opt (parameters)",
+                              "tokens per parameter at N_opt", "use", "valley sampled"], rows)
+    lines.append("\n(Tokens per parameter: C / (FLOPs per token at N_opt) / N_opt, with the FLOPs per token of "
+                 "model/flops.py, attention included.)")
+    fit_budgets = [b for b in fits if b != HELD_OUT and b not in outside]
+    if excluded := [b for b in fits if b != HELD_OUT and b in outside]:
+        lines.append(f"\nLeft out of the power law (valley not sampled): {', '.join(f'{b:.0e}' for b in excluded)}.")
     paths = []
     if len(fit_budgets) >= 2:
         lx, ly = np.log10(fit_budgets), np.log10([fits[b][0] for b in fit_budgets])
@@ -138,24 +172,27 @@ def report(runs: list[Any], out_dir: Path) -> tuple[list[str], list[Path]]:
         if HELD_OUT in fits:
             predicted = 10 ** (slope * math.log10(HELD_OUT) + intercept)
             lines.append(f"Held-out budget {HELD_OUT:.0e}: predicted N_opt {predicted:,.0f}, measured "
-                         f"{fits[HELD_OUT][0]:,.0f} ({100 * (predicted / fits[HELD_OUT][0] - 1):+.0f} %).")
+                         f"{fits[HELD_OUT][0]:,.0f} ({100 * (predicted / fits[HELD_OUT][0] - 1):+.0f} %)"
+                         + (" (its own valley not sampled)." if HELD_OUT in outside else "."))
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
         colors = plt.get_cmap("plasma")(np.linspace(0, 0.85, len(by_budget)))
         for (budget, points), color in zip(sorted(by_budget.items()), colors):
             ns, losses = zip(*sorted(points))
-            ax1.plot(ns, losses, "o", color=color, label=f"C = {budget:.0e}" + (" (held out)" if budget == HELD_OUT
-                                                                                  else ""))
+            tag = " (held out)" if budget == HELD_OUT else " (valley not sampled)" if budget in outside else ""
+            ax1.plot(ns, losses, "o", color=color, label=f"C = {budget:.0e}{tag}")
             if budget in fits:
                 xs = np.linspace(math.log10(min(ns)), math.log10(max(ns)), 50)
                 ax1.plot(10**xs, np.polyval(fits[budget][1], xs), "-", color=color, lw=1)
-                ax1.plot([fits[budget][0]], [np.polyval(fits[budget][1], math.log10(fits[budget][0]))], "*",
-                         color=color, ms=12)
+                if budget not in outside:
+                    ax1.plot([fits[budget][0]], [np.polyval(fits[budget][1], math.log10(fits[budget][0]))], "*",
+                             color=color, ms=12)
         ax1.set_xscale("log")
         ax1.set_xlabel("parameters N (all, embeddings included)")
         ax1.set_ylabel("final eval bits per byte")
         ax1.legend(fontsize=8)
         ax1.grid(alpha=0.3)
-        cs = np.logspace(min(lx) - 0.2, max(lx + [math.log10(HELD_OUT)]) + 0.2, 20)
+        ends = [*lx, math.log10(HELD_OUT)]
+        cs = np.logspace(min(ends) - 0.2, max(ends) + 0.2, 20)
         ax2.plot(cs, 10 ** (slope * np.log10(cs) + intercept), "-", label=f"fit: N_opt ∝ C^{slope:.2f}")
         ax2.plot(fit_budgets, [fits[b][0] for b in fit_budgets], "o", label="N_opt (fit budgets)")
         if HELD_OUT in fits:
@@ -163,10 +200,10 @@ def report(runs: list[Any], out_dir: Path) -> tuple[list[str], list[Path]]:
         ax2.set_xscale("log")
         ax2.set_yscale("log")
         ax2.set_xlabel("compute C (FLOPs)")
-        ax2.set_ylabel("N_opt")
+        ax2.set_ylabel("N_opt (parameters)")
         ax2.legend(fontsize=8)
-        ax2.grid(alpha=0.3)
-        fig.suptitle("Chinchilla approach 2 at laptop scale")
+        ax2.grid(alpha=0.3, which="both")
+        fig.suptitle("Chinchilla approach 2 at laptop scale: IsoFLOP profiles (left) and N_opt against compute (right)")
         fig.tight_layout()
         path = out_dir / "isoflop.png"
         fig.savefig(path, dpi=110)

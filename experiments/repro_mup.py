@@ -14,8 +14,9 @@ the effective step size by other rules), 300 steps, cosine decay; learning rates
 Commands:
   herd sweep --config=experiments/repro_mup.py --workdir=sweeps/repro_mup --seeds=2
   herd report sweeps/repro_mup --x=optimizer.lr --by=model.d_model
-Expected runtime: ~30-45 min on a 2-core CPU. `:full` (widths 256 .. 2048, 2,000 steps)
-is for a GPU or a cluster (`--executor=slurm`). `:smoke` runs in seconds (tests).
+Expected runtime: ~47 min on a 2-core CPU (measured: experiments/REPRODUCTIONS.md).
+`:full` (widths 256 .. 2048, 2,000 steps) is for a GPU or a cluster
+(`--executor=slurm`). `:smoke` runs in seconds (tests).
 Expected result (the paper's): SP's best lr falls with width; μP's does not move by
 more than a grid step, and its loss falls with width at every lr.
 """
@@ -70,49 +71,84 @@ def sweep(arg: str | None = None) -> list[dict[str, Any]]:
     return product({"model.parametrization": ["sp", "mup"]}, shapes, {"optimizer.lr": lrs})
 
 
+def _vertex(points: dict[float, float]) -> float:
+    """log2 of the learning rate at the vertex of the parabola through the best grid point and its two neighbours
+    (the grid point itself at an edge of the grid): a best learning rate finer than the grid."""
+    lrs = sorted(points)
+    i = min(range(len(lrs)), key=lambda j: points[lrs[j]])
+    if i in (0, len(lrs) - 1):
+        return math.log2(lrs[i])
+    x0, x1 = math.log2(lrs[i - 1]), math.log2(lrs[i])
+    y0, y1, y2 = (points[lr] for lr in lrs[i - 1:i + 2])
+    curvature = y0 - 2 * y1 + y2  # equal log2 spacing of 1 grid step h: vertex = x1 + h (y0 - y2) / (2 curvature)
+    return x1 + (x1 - x0) * (y0 - y2) / (2 * curvature) if curvature > 0 else x1
+
+
 def report(runs: list[Any], out_dir: Path) -> tuple[list[str], list[Path]]:
-    """Best learning rate per width and parametrization, the verdict's two tests, and a two-panel plot."""
+    """Best learning rate per width and parametrization (grid, interpolated, per seed), the verdict's two tests, the
+    two parametrizations' best losses side by side, and a two-panel plot of loss against learning rate."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     means = _repro.final_means(runs, lambda p: (p["model.parametrization"], p["model.d_model"], p["optimizer.lr"]))
-    lines = ["## μP transfer", "", "Best learning rate (lowest mean final bits per byte over seeds) per width:", ""]
+    per_seed = {(r.point["model.parametrization"], r.point["model.d_model"], r.seed, r.point["optimizer.lr"]): r.final
+                for r in runs if r.final is not None}
+    seeds = sorted({k[2] for k in per_seed}, key=lambda s: (s is None, s))
+    lines = ["## μP transfer", "",
+             ("Best learning rate per width: the grid point with the lowest mean final bits per byte over seeds, the "
+              "vertex of a parabola through it and its neighbours (log2 lr), and each seed's own best grid point:"), ""]
     rows, best = [], {}
     for param in ("sp", "mup"):
         for width in sorted({w for p, w, _ in means if p == param}):
             cells = {lr: m for (p, w, lr), m in means.items() if p == param and w == width}
             lr, (mean, half, n) = min(cells.items(), key=lambda kv: kv[1][0])
-            best[(param, width)] = lr
-            rows.append((param, width, f"2^{int(round(math.log2(lr)))}", _repro.fmt_interval(mean, half), n))
-    lines += _repro.md_table(["parametrization", "width", "best lr", "bits per byte", "seeds"], rows)
+            best[(param, width)] = (lr, _vertex({k: m[0] for k, m in cells.items()}), mean)
+            by_seed = []
+            for seed in seeds:
+                mine = {k[3]: v for k, v in per_seed.items() if k[:3] == (param, width, seed)}
+                by_seed.append(f"2^{int(round(math.log2(min(mine, key=mine.get))))}" if mine else "-")
+            rows.append((param, width, f"2^{int(round(math.log2(lr)))}", f"{best[(param, width)][1]:+.2f}",
+                         ", ".join(by_seed), _repro.fmt_interval(mean, half), n))
+    lines += _repro.md_table(["parametrization", "width", "best lr", "interpolated log2 lr", "best lr per seed",
+                              "bits per byte at best lr", "seeds"], rows)
     for param in ("sp", "mup"):
-        logs = [math.log2(best[k]) for k in sorted(best) if k[0] == param]
-        if logs:
-            lines.append(f"\n{param}: best log2(lr) from the narrowest to the widest: {[int(round(x)) for x in logs]} "
-                         f"(spread {max(logs) - min(logs):.0f} grid steps)")
+        grid = [math.log2(best[k][0]) for k in sorted(best) if k[0] == param]
+        vertex = [best[k][1] for k in sorted(best) if k[0] == param]
+        if grid:
+            lines.append(f"\n{param}: best log2(lr) from the narrowest to the widest: {[int(round(x)) for x in grid]} "
+                         f"(spread {max(grid) - min(grid):.0f} grid steps); interpolated: "
+                         f"{', '.join(f'{v:+.2f}' for v in vertex)} (spread {max(vertex) - min(vertex):.2f})")
     wider_better = []
     for lr in sorted({lr for _, _, lr in means}):
         losses = [means[k][0] for k in sorted(means) if k[0] == "mup" and k[2] == lr]
         wider_better.append(all(b <= a for a, b in zip(losses, losses[1:])))
-    lines.append(f"\nμP, wider is better (loss falls with width) at {sum(wider_better)} of {len(wider_better)} "
-                 "learning rates.")
+    lines.append(f"\nμP, wider is better (mean loss falls with every doubling of width) at {sum(wider_better)} of "
+                 f"{len(wider_better)} learning rates.")
+    widths = sorted({w for p, w in best if p == "mup"} & {w for p, w in best if p == "sp"})
+    if widths:
+        lines.append("\nBest mean bits per byte, μP against SP: " + "; ".join(
+            f"width {w}: {best[('mup', w)][2]:.4f} vs {best[('sp', w)][2]:.4f}" for w in widths) + ".")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, param in zip(axes, ("sp", "mup")):
         widths = sorted({w for p, w, _ in means if p == param})
         colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(widths), 1)))
         for width, color in zip(widths, colors):
-            points = sorted((lr, m) for (p, w, lr), m in means.items() if p == param and w == width)
-            ax.errorbar([lr for lr, _ in points], [m[0] for _, m in points], yerr=[m[1] or 0 for _, m in points],
-                        marker="o", ms=3, capsize=2, color=color, label=f"width {width}")
+            lrs = sorted(lr for (p, w, lr) in means if p == param and w == width)
+            mean = np.array([means[(param, width, lr)][0] for lr in lrs])
+            spread = [[v for k, v in per_seed.items() if k[:2] == (param, width) and k[3] == lr] for lr in lrs]
+            yerr = np.array([[m - min(s), max(s) - m] for m, s in zip(mean, spread)]).T
+            ax.errorbar(lrs, mean, yerr=yerr, marker="o", ms=3, capsize=2, color=color, label=f"width {width}")
+            ax.plot([best[(param, width)][0]], [best[(param, width)][2]], "*", ms=13, color=color, mec="black", mew=0.5)
         ax.set_xscale("log", base=2)
         ax.set_title({"sp": "standard parametrization", "mup": f"μP (base width {BASE_WIDTH})"}[param])
         ax.set_xlabel("learning rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("final eval bits per byte (mean ± 95 % CI)")
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0].set_ylabel("final eval bits per byte")
     lo = min(m[0] for m in means.values())
-    axes[0].set_ylim(lo - 0.05, lo + 1.5)
-    fig.suptitle("Learning-rate transfer across width (TP5 Figure 1, laptop scale)")
+    axes[0].set_ylim(lo - 0.05, lo + 1.0)
+    fig.suptitle("Learning-rate transfer across width (TP5 Figure 1, laptop scale)\n"
+                 "mean over seeds; bars: min..max over seeds; star: the best learning rate of each width", fontsize=11)
     fig.tight_layout()
     path = out_dir / "mup_transfer.png"
     fig.savefig(path, dpi=110)

