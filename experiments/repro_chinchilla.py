@@ -20,7 +20,7 @@ experiments/repro_mup.py tests), warmup 5 % of each run, cosine decay to 10 %.
 Commands:
   herd sweep --config=experiments/repro_chinchilla.py --workdir=sweeps/repro_chinchilla
   herd report sweeps/repro_chinchilla --x=model.d_model
-Expected runtime: ~40 min on a 2-core CPU (measured: experiments/REPRODUCTIONS.md).
+Expected runtime: ~36 min on a 2-core CPU (measured: experiments/REPRODUCTIONS.md).
 `:full` (budgets 1e15 .. 1e17) is for a GPU or a cluster. `:smoke` runs in
 seconds (tests).
 Expected result: a near 0.5, with a wide interval from four budgets.
@@ -42,8 +42,8 @@ VOCAB = 259  # the byte tokenizer
 SEQ, BATCH = 128, 8
 N_LAYERS, HEAD_DIM, BASE_WIDTH, LR = 4, 16, 32, 2.0**-6
 # Budget (FLOPs) -> the widths trained at it; 2e12 is held out of the power-law fit.
-# The first run (LOG, 2026-12-02) sampled only the larger half of each grid below: the smallest size was the best at
-# three budgets of four, so the valleys were not sampled; the grid now reaches down to width 16 (21,744 parameters).
+# The first run (LOG, 2026-12-02) trained only the larger sizes of each grid below: the smallest size was the best at
+# every budget, so the valleys were not sampled; the grid now reaches down to width 16 (21,744 parameters).
 BUDGETS = {3e11: (16, 32, 48, 64), 1e12: (16, 32, 48, 64, 96), 2e12: (32, 48, 64, 96, 128),
            3e12: (32, 48, 64, 96, 128), 1e13: (32, 48, 64, 96, 128, 192)}
 HELD_OUT = 2e12
