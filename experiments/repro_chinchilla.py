@@ -142,8 +142,8 @@ def report(runs: list[Any], out_dir: Path) -> tuple[list[str], list[Path]]:
             fits[budget] = (n_opt, (a2, a1, a0))
             lo, hi = min(p[0] for p in points), max(p[0] for p in points)
             if not lo < n_opt < hi:
-                outside[budget] = (f"N_opt outside the sizes trained ({lo:,.0f} .. {hi:,.0f}): the smallest is best"
-                                   if n_opt <= lo else f"N_opt outside the sizes trained ({lo:,.0f} .. {hi:,.0f})")
+                outside[budget] = (f"N_opt outside the sizes trained ({lo:,.0f} .. {hi:,.0f})"
+                                   + (": the smallest is best" if n_opt <= lo else ""))
     lines = ["## IsoFLOP profiles (approach 2)", ""]
     rows = []
     for b in sorted(set(fits) | set(outside)):

@@ -90,7 +90,10 @@ def report(runs: list[Any], out_dir: Path) -> tuple[list[str], list[Path]]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    means = _repro.final_means(runs, lambda p: (p["model.parametrization"], p["model.d_model"], p["optimizer.lr"]))
+    def cell(p: dict) -> tuple[str, int, float]:
+        return p["model.parametrization"], p["model.d_model"], p["optimizer.lr"]
+
+    means, values = _repro.final_means(runs, cell), _repro.finals(runs, cell)
     per_seed = {(r.point["model.parametrization"], r.point["model.d_model"], r.seed, r.point["optimizer.lr"]): r.final
                 for r in runs if r.final is not None}
     seeds = sorted({k[2] for k in per_seed}, key=lambda s: (s is None, s))
@@ -135,7 +138,7 @@ def report(runs: list[Any], out_dir: Path) -> tuple[list[str], list[Path]]:
         for width, color in zip(widths, colors):
             lrs = sorted(lr for (p, w, lr) in means if p == param and w == width)
             mean = np.array([means[(param, width, lr)][0] for lr in lrs])
-            spread = [[v for k, v in per_seed.items() if k[:2] == (param, width) and k[3] == lr] for lr in lrs]
+            spread = [values[(param, width, lr)] for lr in lrs]
             yerr = np.array([[m - min(s), max(s) - m] for m, s in zip(mean, spread)]).T
             ax.errorbar(lrs, mean, yerr=yerr, marker="o", ms=3, capsize=2, color=color, label=f"width {width}")
             ax.plot([best[(param, width)][0]], [best[(param, width)][2]], "*", ms=13, color=color, mec="black", mew=0.5)

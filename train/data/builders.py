@@ -361,11 +361,8 @@ def _preparing(builder: tfds.core.DatasetBuilder) -> Iterator[None]:
     folder = Path(builder.data_dir).parent
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".herd-prepare.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def prepare(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
